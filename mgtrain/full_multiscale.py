@@ -1,0 +1,304 @@
+"""Full-Multiscale training (Algorithm 2 of the MGE paper) and its special cases.
+
+Algorithm 2::
+
+  Randomly initialize theta_*^H
+  for j = 1..L:
+    set the mesh to h_j = 2^(L-j) h and theta_0^{h_j} = theta_*^H
+    solve the optimization problem on mesh h_j for theta_*^{h_j}
+    theta_*^H <- theta_*^{h_j}
+
+A run is a list of :class:`Stage` s. Stage ``s`` (0 = coarsest) trains on
+mesh ``h 2^(L-1-s)`` with an ``(s+1)``-level MGE estimate (Algorithm 1) over
+levels ``L-1-s .. L-1`` and batches ``N_k = 2^k N_0``, for ``I_s``
+iterations. Multiscale (MGE every step on the finest mesh) and single-scale
+(one level, batch ``sum_k N_k``: the same samples as one MGE step) are the
+same machinery with one stage.
+
+Shapes differ per stage, so the run is a fold over stages (a Python loop over
+the static stage list) whose carry is a :class:`TrainState`; each stage's
+step is compiled once (``jax.jit`` with the state donated) and reused for
+all its iterations. Every step adds its #WU (:mod:`mgtrain.workunits`) to
+``TrainState.work_units``, so the live total equals the closed form of the
+schedule.
+
+Example:
+  >>> from mgtrain.hierarchy import Hierarchy
+  >>> h = Hierarchy(levels=4, size=64, base_batch=16)
+  >>> [s.levels for s in full_multiscale_schedule(h, (2000, 1000, 500, 250))]
+  [(3,), (2, 3), (1, 2, 3), (0, 1, 2, 3)]
+  >>> float(schedule_work_units(full_multiscale_schedule(h, (2000, 1000, 500, 250))))
+  28750.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from fractions import Fraction
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from mgtrain import workunits
+from mgtrain.hierarchy import Hierarchy, HierarchyError, levels_for_stage
+from mgtrain.mge import mge_value_and_grad
+from mgtrain.transform import multiscale
+
+STRATEGIES = ("single", "multiscale", "full-multiscale")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a run: consecutive levels (finest first), their batches, iterations."""
+
+  levels: tuple[int, ...]
+  batch_sizes: tuple[int, ...]
+  iterations: int
+
+  def __post_init__(self):
+    if len(self.levels) != len(self.batch_sizes):
+      raise HierarchyError(
+          f"stage has {len(self.levels)} levels but {len(self.batch_sizes)} batch sizes")
+    if self.iterations < 1:
+      raise HierarchyError(f"a stage needs >= 1 iteration, got {self.iterations}")
+
+  @property
+  def mesh_level(self) -> int:
+    """The finest level of the stage: the mesh it 'trains on'."""
+    return self.levels[0]
+
+  @property
+  def work_units_per_step(self) -> Fraction:
+    return workunits.step_work_units(self.levels, self.batch_sizes)
+
+
+def single_scale_schedule(hierarchy: Hierarchy, iterations: int,
+                          batch_size: int | None = None) -> list[Stage]:
+  """Plain SGD on the finest mesh; default batch = the same samples as one MGE step."""
+  batch = hierarchy.total_batch if batch_size is None else batch_size
+  return [Stage((0,), (batch,), iterations)]
+
+
+def multiscale_schedule(hierarchy: Hierarchy, iterations: int) -> list[Stage]:
+  """MGE with all ``L`` levels at every step (the paper's 'Multiscale')."""
+  return [Stage(tuple(range(hierarchy.levels)), hierarchy.batch_sizes, iterations)]
+
+
+def full_multiscale_schedule(hierarchy: Hierarchy,
+                             stage_iterations: Sequence[int]) -> list[Stage]:
+  """Algorithm 2: stage ``s`` uses levels ``L-1-s .. L-1``; iterations coarsest first."""
+  its = hierarchy.check_schedule(stage_iterations, "stage_iterations")
+  stages = []
+  for s, it in enumerate(its):
+    lv = levels_for_stage(hierarchy.levels, s)
+    stages.append(Stage(lv, tuple(hierarchy.batch_sizes[k] for k in lv), it))
+  return stages
+
+
+def make_schedule(strategy: str, hierarchy: Hierarchy, iterations: int,
+                  stage_iterations: Sequence[int] | None = None) -> list[Stage]:
+  """The stages of ``strategy`` (one of :data:`STRATEGIES`)."""
+  if strategy == "single":
+    return single_scale_schedule(hierarchy, iterations)
+  if strategy == "multiscale":
+    return multiscale_schedule(hierarchy, iterations)
+  if strategy == "full-multiscale":
+    if stage_iterations is None:
+      raise HierarchyError("full-multiscale needs stage_iterations")
+    return full_multiscale_schedule(hierarchy, stage_iterations)
+  raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def schedule_work_units(stages: Sequence[Stage]) -> Fraction:
+  """Exact #WU of a whole schedule (closed form of Appendix B)."""
+  return workunits.schedule_work_units(
+      [(s.levels, s.batch_sizes, s.iterations) for s in stages])
+
+
+def stage_boundaries(stages: Sequence[Stage]) -> np.ndarray:
+  """Global step at which each stage starts, plus the total: ``(S + 1,)``."""
+  return np.concatenate([[0], np.cumsum([s.iterations for s in stages])]).astype(int)
+
+
+def locate(stages: Sequence[Stage], step: int) -> tuple[int, int]:
+  """``(stage index, step within stage)`` of global ``step`` (total -> past the end)."""
+  bounds = stage_boundaries(stages)
+  if step >= bounds[-1]:
+    return len(stages), 0
+  s = int(np.searchsorted(bounds, step, side="right") - 1)
+  return s, int(step - bounds[s])
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """The carry of the Full-Multiscale fold.
+
+  Attributes:
+    step: global optimizer step (int32).
+    level: finest level of the current stage (int32; 0 = finest mesh).
+    params: model parameters.
+    opt_state: optimizer state of the current stage.
+    rng: raw uint32 PRNG key; step ``k`` uses ``fold_in(rng, k)``, so nothing
+      random is stored and a resumed run draws what an uninterrupted one would.
+    work_units: #WU spent so far (float32; exact for dyadic per-step costs).
+  """
+
+  step: jax.Array
+  level: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  work_units: jax.Array
+
+
+def init_state(params, seed: int, opt_state=None, level: int = 0) -> TrainState:
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), level=jnp.asarray(level, jnp.int32),
+      params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed),
+      work_units=jnp.zeros([], jnp.float32))
+
+
+def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
+                    sample_fn: Callable, tx: optax.GradientTransformation):
+  """The pure train step of one stage: ``step(state, data) -> (state, metrics)``.
+
+  Each level draws its own fresh batch with ``sample_fn(data, key, n)``
+  (returning a batch on the finest mesh), MGE computes the per-level
+  gradient terms, ``tx`` (a :func:`mgtrain.transform.multiscale`) combines and
+  applies them, and the step's #WU is added to the counter.
+  """
+  wu = float(stage.work_units_per_step)
+  crops = hierarchy.subsample != "coarsen"
+
+  def step(state: TrainState, data):
+    key = jax.random.fold_in(state.rng, state.step)
+    k_data, k_crop = jax.random.split(key)
+    keys = jax.random.split(k_data, len(stage.levels))
+    batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
+    loss, level_grads, terms = mge_value_and_grad(
+        loss_fn, state.params, batches, hierarchy, stage.levels,
+        key=k_crop if crops else None)
+    updates, opt_state = tx.update(level_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, level=jnp.asarray(stage.mesh_level, jnp.int32),
+        params=params, opt_state=opt_state, work_units=state.work_units + wu)
+    return new_state, {"loss": loss, "terms": terms}
+
+  return step
+
+
+def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Callable,
+          sample_fn: Callable, data, make_optimizer: Callable[[int], optax.GradientTransformation],
+          seed: int = 0, eval_fn: Callable | None = None, eval_every: int = 0,
+          checkpointer=None, progress: bool = True, description: str = "train",
+          stop_after: int | None = None):
+  """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
+
+  Args:
+    params: initial parameters (ignored when a checkpoint is restored).
+    stages: the schedule, e.g. from :func:`make_schedule`.
+    hierarchy: the resolution hierarchy.
+    loss_fn: per-sample loss ``loss_fn(params, batch) -> (B,)``.
+    sample_fn: ``sample_fn(data, key, n)`` -> a batch of ``n`` fresh samples
+      on the finest mesh (pure, jittable).
+    data: pytree of arrays passed to every step (e.g. a patch pool on device).
+    make_optimizer: ``make_optimizer(iterations) -> optax transform``; each
+      stage gets a fresh one (e.g. Adam with a cosine schedule over the
+      stage), wrapped in :func:`mgtrain.transform.multiscale`.
+    seed: PRNG seed of the run.
+    eval_fn: optional ``eval_fn(params) -> dict`` of float metrics, run every
+      ``eval_every`` steps and at the end of every stage.
+    checkpointer: optional :class:`mgtrain.checkpoint.Checkpointer`; the run
+      resumes from its latest checkpoint when there is one.
+    progress: show a tqdm bar with loss, level and #WU.
+    stop_after: stop (after checkpointing) once the global step reaches this
+      value; used to test resumption.
+
+  Returns:
+    ``(state, history)``; ``history`` holds per-step ``loss``,
+    ``work_units`` and ``level``, the evaluations, and per-stage compile and
+    train seconds.
+  """
+  stages = list(stages)
+  bounds = stage_boundaries(stages)
+  total = int(bounds[-1])
+  optimizers = [multiscale(make_optimizer(s.iterations), len(s.levels)) for s in stages]
+
+  history = {"step": [], "loss": [], "work_units": [], "level": [], "evals": [],
+             "compile_seconds": [0.0] * len(stages),
+             "train_seconds": [0.0] * len(stages)}
+  # The step donates its state; copy so the caller's arrays survive.
+  params = jax.tree.map(jnp.array, params)
+  state = init_state(params, seed, optimizers[0].init(params), stages[0].mesh_level)
+
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    step = checkpointer.latest_step()
+    s, _ = locate(stages, step)
+    opt = optimizers[min(s, len(stages) - 1)]
+    abstract = jax.eval_shape(
+        lambda p: init_state(p, seed, opt.init(p), stages[min(s, len(stages) - 1)].mesh_level),
+        params)
+    state, history = checkpointer.restore(step, abstract)
+
+  start = int(state.step)
+  bar = tqdm(total=total, initial=start, desc=description, disable=not progress,
+             dynamic_ncols=True)
+  last_eval = None
+  try:
+    for s, stage in enumerate(stages):
+      if start >= bounds[s + 1]:
+        continue
+      step_in_stage = max(start - int(bounds[s]), 0)
+      if step_in_stage == 0 and s > 0:
+        # Hot start (Algorithm 2): keep the parameters, fresh optimizer.
+        state = state.replace(opt_state=optimizers[s].init(state.params),
+                              level=jnp.asarray(stage.mesh_level, jnp.int32))
+      step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s]),
+                        donate_argnums=0)
+      t0 = time.perf_counter()
+      compiled = step_fn.lower(state, data).compile()
+      history["compile_seconds"][s] += time.perf_counter() - t0
+
+      t_stage = time.perf_counter()
+      for k in range(int(bounds[s]) + step_in_stage, int(bounds[s + 1])):
+        state, metrics = compiled(state, data)
+        loss = float(metrics["loss"])
+        wu = float(state.work_units)
+        history["step"].append(k + 1)
+        history["loss"].append(loss)
+        history["work_units"].append(wu)
+        history["level"].append(stage.mesh_level)
+        bar.set_postfix(loss=f"{loss:.4f}", level=stage.mesh_level, wu=f"{wu:,.0f}",
+                        refresh=False)
+        bar.update(1)
+        done_stage = k + 1 == bounds[s + 1]
+        if eval_fn is not None and ((eval_every and (k + 1) % eval_every == 0) or done_stage):
+          history["train_seconds"][s] += time.perf_counter() - t_stage
+          last_eval = {k_: float(v) for k_, v in eval_fn(state.params).items()}
+          history["evals"].append({"step": k + 1, "work_units": wu,
+                                   "level": stage.mesh_level, **last_eval})
+          t_stage = time.perf_counter()
+        if checkpointer is not None and (checkpointer.should_save(k + 1) or done_stage
+                                         or k + 1 == stop_after):
+          history["train_seconds"][s] += time.perf_counter() - t_stage
+          checkpointer.save(k + 1, state, history, force=True)
+          t_stage = time.perf_counter()
+        if stop_after is not None and k + 1 >= stop_after:
+          return state, history
+      history["train_seconds"][s] += time.perf_counter() - t_stage
+  finally:
+    bar.close()
+  return state, history
+
+
+__all__ = [
+    "Stage", "TrainState", "STRATEGIES", "single_scale_schedule", "multiscale_schedule",
+    "full_multiscale_schedule", "make_schedule", "schedule_work_units", "train",
+    "make_stage_step", "stage_boundaries", "locate", "init_state",
+]
