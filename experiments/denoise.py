@@ -310,6 +310,10 @@ def parse_args(argv=None):
   p.add_argument("--iterations", type=int, default=None,
                  help="override single-scale/Multiscale iterations and the "
                       "Full-Multiscale coarsest-stage iterations")
+  p.add_argument("--learning-rate", type=float, default=None,
+                 help="override the config's Adam learning rate")
+  p.add_argument("--base-batch", type=int, default=None,
+                 help="override N0 (batches N_j = 2^j N0)")
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--compile-cache", default=str(runtime.default_cache_dir()),
                  help="JAX persistent compilation cache directory ('' to disable)")
@@ -327,6 +331,10 @@ def main(argv=None) -> dict:
     overrides.update(iterations=args.iterations, fms_coarsest_iterations=args.iterations)
   if args.seed is not None:
     overrides.update(seed=args.seed)
+  if args.learning_rate is not None:
+    overrides.update(learning_rate=args.learning_rate)
+  if args.base_batch is not None:
+    overrides.update(base_batch=args.base_batch)
   config = dataclasses.replace(config, **overrides)
   dataset = args.dataset or ("folder" if args.data_dir else "bundled")
   workdir = Path(args.workdir or f"runs/denoise-{config.name}")

@@ -239,11 +239,14 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 
   if checkpointer is not None and checkpointer.latest_step() is not None:
     step = checkpointer.latest_step()
-    s, _ = locate(stages, step)
-    opt = optimizers[min(s, len(stages) - 1)]
+    # The checkpoint after step k holds the optimizer of the stage that ran step k.
+    s, _ = locate(stages, max(step - 1, 0))
+    if s >= len(stages):
+      raise ValueError(
+          f"checkpoint at step {step} is past this schedule's {total} steps; "
+          "use a fresh workdir for a different schedule")
     abstract = jax.eval_shape(
-        lambda p: init_state(p, seed, opt.init(p), stages[min(s, len(stages) - 1)].mesh_level),
-        params)
+        lambda p: init_state(p, seed, optimizers[s].init(p), stages[s].mesh_level), params)
     state, history = checkpointer.restore(step, abstract)
 
   start = int(state.step)

@@ -1,0 +1,50 @@
+"""End-to-end: the denoise CLI on the smoke config (bundled images, CPU)."""
+
+import json
+
+import pytest
+
+from experiments import denoise
+
+
+def _run(tmp_path, *extra):
+  return denoise.main(["--config", "smoke", "--workdir", str(tmp_path), "--no-progress",
+                       "--compile-cache", "", *extra])
+
+
+def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
+  results = _run(tmp_path, "--strategy", "all")
+  out = capsys.readouterr().out
+  assert "| strategy |" in out and "full-multiscale" in out
+  for name in ("single", "multiscale", "full-multiscale"):
+    r = json.loads((tmp_path / name / "results.json").read_text())
+    for key in ("task", "model", "strategy", "subsample", "levels", "config",
+                "work_units", "wall_seconds", "steps", "metrics"):
+      assert key in r, key
+    assert r["work_units"] == r["work_units_closed_form"]
+    assert r["params"] == 597_699
+    assert set(r["metrics"]) == {"mse", "psnr"}
+    assert (tmp_path / name / "loss_vs_wu.png").stat().st_size > 1000
+    assert results[name]["strategy"] == name
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["single"]["wu_ratio"] == 1.0
+  # Closed-form ratios of the smoke schedule (2 levels, N0 = 1, I = 4):
+  # MGE step 1*(1 + 1/4) + 2/4 = 7/4 vs 3 single-scale -> 7/12.
+  assert summary["multiscale"]["closed_form_wu_ratio"] == pytest.approx(7 / 12)
+  assert (tmp_path / "val_mse_vs_wu.png").exists()
+
+
+def test_smoke_resume_after_stop(tmp_path):
+  stopped = _run(tmp_path, "--strategy", "full-multiscale", "--stop-after", "3")
+  assert stopped == {}
+  assert not (tmp_path / "results.json").exists()
+  results = _run(tmp_path, "--strategy", "full-multiscale")
+  r = results["full-multiscale"]
+  assert r["resumed_from_step"] == 3
+  assert r["steps"] == 6
+  assert r["work_units"] == r["work_units_closed_form"]
+
+
+def test_invalid_hierarchy_fails_before_compute(tmp_path):
+  with pytest.raises(Exception, match="not divisible"):
+    _run(tmp_path, "--strategy", "single", "--levels", "6")

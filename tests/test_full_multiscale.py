@@ -1,0 +1,130 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import TinyCNN, smooth_images
+from mgtrain import full_multiscale as fm
+from mgtrain import workunits as wu
+from mgtrain.checkpoint import Checkpointer
+from mgtrain.hierarchy import Hierarchy, HierarchyError
+
+SIZE = 16
+
+
+def _setup(levels=2, base_batch=1):
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
+  pool = smooth_images(jax.random.key(1), 32, SIZE)
+
+  def sample_fn(data, key, n):
+    k1, k2 = jax.random.split(key)
+    y = data[jax.random.randint(k1, (n,), 0, data.shape[0])]
+    return {"x": y + 0.2 * jax.random.normal(k2, y.shape), "y": y}
+
+  def loss_fn(p, batch):
+    return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2, axis=(1, 2, 3))
+
+  h = Hierarchy(levels=levels, size=SIZE, base_batch=base_batch)
+  return h, params, pool, sample_fn, loss_fn
+
+
+def _train(stages, h, params, pool, sample_fn, loss_fn, **kw):
+  return fm.train(params=params, stages=stages, hierarchy=h, loss_fn=loss_fn,
+                  sample_fn=sample_fn, data=pool,
+                  make_optimizer=lambda n: optax.adam(optax.cosine_decay_schedule(1e-2, n)),
+                  progress=False, **kw)
+
+
+def test_schedules_match_reference():
+  h = Hierarchy(levels=4, size=64, base_batch=16)
+  fms = fm.full_multiscale_schedule(h, (2000, 1000, 500, 250))
+  assert [s.levels for s in fms] == [(3,), (2, 3), (1, 2, 3), (0, 1, 2, 3)]
+  assert [s.batch_sizes for s in fms] == [(128,), (64, 128), (32, 64, 128),
+                                          (16, 32, 64, 128)]
+  assert fm.schedule_work_units(fms) == wu.full_multiscale_closed_form(16, 2000)
+  assert fm.schedule_work_units(fm.multiscale_schedule(h, 2000)) == 74_000
+  assert fm.schedule_work_units(fm.single_scale_schedule(h, 2000)) == 480_000
+  with pytest.raises(HierarchyError, match="has 3 entries"):
+    fm.full_multiscale_schedule(h, (4, 2, 1))
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    fm.make_schedule("bogus", h, 10)
+
+
+def test_locate():
+  h = Hierarchy(levels=3, size=16)
+  stages = fm.full_multiscale_schedule(h, (4, 2, 1))
+  assert list(fm.stage_boundaries(stages)) == [0, 4, 6, 7]
+  assert fm.locate(stages, 0) == (0, 0)
+  assert fm.locate(stages, 5) == (1, 1)
+  assert fm.locate(stages, 6) == (2, 0)
+  assert fm.locate(stages, 7) == (3, 0)
+
+
+@pytest.mark.parametrize("strategy", ["single", "multiscale", "full-multiscale"])
+def test_live_work_units_equal_closed_form(strategy):
+  h, params, pool, sample_fn, loss_fn = _setup(levels=3, base_batch=1)
+  stages = fm.make_schedule(strategy, h, 4, (4, 2, 1))
+  state, history = _train(stages, h, params, pool, sample_fn, loss_fn)
+  assert int(state.step) == sum(s.iterations for s in stages)
+  assert float(state.work_units) == float(fm.schedule_work_units(stages))
+  assert history["work_units"][-1] == float(state.work_units)
+  assert history["level"] == [s.mesh_level for s in stages for _ in range(s.iterations)]
+  assert int(state.level) == 0
+
+
+def test_full_multiscale_hot_starts_and_learns():
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=2)
+  stages = fm.full_multiscale_schedule(h, (40, 20))
+  evals = []
+
+  def eval_fn(p):
+    val = sample_fn(pool, jax.random.key(7), 16)
+    return {"mse": jnp.mean(loss_fn(p, val))}
+
+  state, history = _train(stages, h, params, pool, sample_fn, loss_fn, eval_fn=eval_fn)
+  # One evaluation at the end of each stage; the fine stage starts from the
+  # coarse solution, so its loss keeps going down.
+  assert [e["step"] for e in history["evals"]] == [40, 60]
+  first = float(eval_fn(params)["mse"])
+  assert history["evals"][0]["mse"] < first
+  assert history["evals"][1]["mse"] < first
+  assert len(history["compile_seconds"]) == 2
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (4, 2))
+  ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn)
+
+  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
+  # Stop mid-way through the first stage (step 3 of 6)...
+  state, _ = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt,
+                    stop_after=3)
+  assert int(state.step) == 3
+  ckpt.close()
+  # ...and resume in a fresh checkpointer, as a new process would.
+  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
+  assert ckpt.latest_step() == 3
+  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt)
+  ckpt.close()
+  assert int(state.step) == 6
+  assert float(state.work_units) == float(ref_state.work_units)
+  np.testing.assert_allclose(hist["loss"], ref_hist["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_at_stage_boundary(tmp_path):
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (4, 2))
+  ref_state, _ = _train(stages, h, params, pool, sample_fn, loss_fn)
+  ckpt = Checkpointer(tmp_path / "ckpt", every=100)
+  _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt, stop_after=4)
+  ckpt.close()
+  ckpt = Checkpointer(tmp_path / "ckpt", every=100)
+  state, _ = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt)
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
