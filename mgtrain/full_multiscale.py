@@ -164,13 +164,15 @@ def init_state(params, seed: int, opt_state=None, level: int = 0) -> TrainState:
 
 
 def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
-                    sample_fn: Callable, tx: optax.GradientTransformation):
+                    sample_fn: Callable, tx: optax.GradientTransformation,
+                    max_pixels_per_chunk: int | None = None):
   """The pure train step of one stage: ``step(state, data) -> (state, metrics)``.
 
   Each level draws its own fresh batch with ``sample_fn(data, key, n)``
   (returning a batch on the finest mesh), MGE computes the per-level
   gradient terms, ``tx`` (a :func:`mgtrain.transform.multiscale`) combines and
   applies them, and the step's #WU is added to the counter.
+  ``max_pixels_per_chunk`` is passed to :func:`mgtrain.mge.mge_value_and_grad`.
   """
   wu = float(stage.work_units_per_step)
   crops = hierarchy.subsample != "coarsen"
@@ -182,7 +184,7 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
     batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
     loss, level_grads, terms = mge_value_and_grad(
         loss_fn, state.params, batches, hierarchy, stage.levels,
-        key=k_crop if crops else None)
+        key=k_crop if crops else None, max_pixels_per_chunk=max_pixels_per_chunk)
     updates, opt_state = tx.update(level_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
@@ -197,7 +199,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           sample_fn: Callable, data, make_optimizer: Callable[[int], optax.GradientTransformation],
           seed: int = 0, eval_fn: Callable | None = None, eval_every: int = 0,
           checkpointer=None, progress: bool = True, description: str = "train",
-          stop_after: int | None = None):
+          stop_after: int | None = None, max_pixels_per_chunk: int | None = None):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -219,6 +221,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     progress: show a tqdm bar with loss, level and #WU.
     stop_after: stop (after checkpointing) once the global step reaches this
       value; used to test resumption.
+    max_pixels_per_chunk: evaluate each level's batch in sub-batches of at
+      most this many samples x pixels (same gradient; faster on CPU).
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -262,8 +266,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         # Hot start (Algorithm 2): keep the parameters, fresh optimizer.
         state = state.replace(opt_state=optimizers[s].init(state.params),
                               level=jnp.asarray(stage.mesh_level, jnp.int32))
-      step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s]),
-                        donate_argnums=0)
+      step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
+                                        max_pixels_per_chunk), donate_argnums=0)
       t0 = time.perf_counter()
       compiled = step_fn.lower(state, data).compile()
       history["compile_seconds"][s] += time.perf_counter() - t0

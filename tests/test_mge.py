@@ -125,3 +125,17 @@ def test_errors(tiny_model):
     mge_value_and_grad(mse_loss_fn(model), params, [b, b], h, levels=(0, 2))
   with pytest.raises(HierarchyError, match="outside"):
     mge_value_and_grad(mse_loss_fn(model), params, [b], h, levels=(3,))
+
+
+def test_chunked_evaluation_gives_the_same_estimate(tiny_model):
+  model, params = tiny_model
+  h = Hierarchy(levels=3, size=16, base_batch=4)
+  batches = [_batch(jax.random.key(i), n) for i, n in enumerate(h.batch_sizes)]
+  ref = mge_value_and_grad(mse_loss_fn(model), params, batches, h)
+  # 16x16 = 256 pixels: chunks of 2 samples on level 0, 4 on level 1, ...
+  out = jax.jit(lambda p, b: mge_value_and_grad(
+      mse_loss_fn(model), p, b, h, max_pixels_per_chunk=512))(params, batches)
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+  np.testing.assert_allclose(out[2], ref[2], rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
