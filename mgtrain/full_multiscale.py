@@ -163,6 +163,28 @@ def init_state(params, seed: int, opt_state=None, level: int = 0) -> TrainState:
       work_units=jnp.zeros([], jnp.float32))
 
 
+def carry_inner_state(previous, fresh):
+  """The inner optimizer state a new Full-Multiscale stage starts from.
+
+  ``previous`` (the last stage's) is kept when its structure matches the new
+  stage's optimizer, so moment estimates survive the hot start. If it is an
+  ``optax.inject_hyperparams`` state, only its wrapped optimizer's state is
+  carried and the hyperparameter schedule restarts (each stage runs its own
+  schedule, e.g. a cosine over the stage's iterations) while Adam's own step
+  count and bias correction continue. Otherwise ``fresh`` is returned.
+  """
+  if jax.tree.structure(previous) != jax.tree.structure(fresh) or any(
+      jnp.shape(a) != jnp.shape(b)
+      for a, b in zip(jax.tree.leaves(previous), jax.tree.leaves(fresh))):
+    return fresh
+  if isinstance(previous, (optax.InjectHyperparamsState,
+                           optax.InjectStatefulHyperparamsState)):
+    # The schedule's own state (count, hyperparams, schedule states) comes
+    # from the fresh optimizer; only the wrapped optimizer's state is carried.
+    return fresh._replace(inner_state=previous.inner_state)
+  return previous
+
+
 def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
                     sample_fn: Callable, tx: optax.GradientTransformation,
                     max_pixels_per_chunk: int | None = None):
@@ -199,7 +221,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           sample_fn: Callable, data, make_optimizer: Callable[[int], optax.GradientTransformation],
           seed: int = 0, eval_fn: Callable | None = None, eval_every: int = 0,
           checkpointer=None, progress: bool = True, description: str = "train",
-          stop_after: int | None = None, max_pixels_per_chunk: int | None = None):
+          stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
+          carry_optimizer: bool = True):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -223,6 +246,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       value; used to test resumption.
     max_pixels_per_chunk: evaluate each level's batch in sub-batches of at
       most this many samples x pixels (same gradient; faster on CPU).
+    carry_optimizer: at a stage boundary keep the inner optimizer's state
+      (e.g. Adam's moments) instead of starting afresh; see
+      :func:`carry_inner_state`. Restarting Adam at the hot start undid most
+      of what the coarse stages had learned in our cpu denoising runs.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -263,8 +290,13 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         continue
       step_in_stage = max(start - int(bounds[s]), 0)
       if step_in_stage == 0 and s > 0:
-        # Hot start (Algorithm 2): keep the parameters, fresh optimizer.
-        state = state.replace(opt_state=optimizers[s].init(state.params),
+        # Hot start (Algorithm 2): keep the parameters; the optimizer state
+        # is carried over or started afresh (see ``carry_optimizer``).
+        fresh = optimizers[s].init(state.params)
+        if carry_optimizer:
+          fresh = fresh._replace(
+              inner_state=carry_inner_state(state.opt_state.inner_state, fresh.inner_state))
+        state = state.replace(opt_state=fresh,
                               level=jnp.asarray(stage.mesh_level, jnp.int32))
       step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
                                         max_pixels_per_chunk), donate_argnums=0)
@@ -307,5 +339,5 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 __all__ = [
     "Stage", "TrainState", "STRATEGIES", "single_scale_schedule", "multiscale_schedule",
     "full_multiscale_schedule", "make_schedule", "schedule_work_units", "train",
-    "make_stage_step", "stage_boundaries", "locate", "init_state",
+    "make_stage_step", "stage_boundaries", "locate", "init_state", "carry_inner_state",
 ]

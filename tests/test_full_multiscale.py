@@ -128,3 +128,24 @@ def test_resume_at_stage_boundary(tmp_path):
   ckpt.close()
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_carry_inner_state_keeps_moments_and_restarts_schedule():
+  params = {"w": jnp.ones(3)}
+  make = lambda n: optax.inject_hyperparams(optax.adam)(
+      learning_rate=optax.cosine_decay_schedule(1e-2, n))
+  old_tx = make(4)
+  state = old_tx.init(params)
+  for _ in range(3):
+    _, state = old_tx.update({"w": jnp.ones(3)}, state, params)
+  fresh = make(8).init(params)
+  carried = fm.carry_inner_state(state, fresh)
+  assert int(carried.count) == 0                     # the schedule restarts
+  _, after = make(8).update({"w": jnp.ones(3)}, carried, params)
+  np.testing.assert_allclose(after.hyperparams["learning_rate"], 1e-2, rtol=1e-6)
+  np.testing.assert_array_equal(carried.inner_state[0].mu["w"],
+                                state.inner_state[0].mu["w"])  # moments survive
+  assert int(carried.inner_state[0].count) == 3      # Adam's bias correction goes on
+  # A different optimizer structure cannot be carried: start afresh.
+  other = optax.sgd(0.1).init(params)
+  assert fm.carry_inner_state(state, other) is other
