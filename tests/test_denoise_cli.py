@@ -48,3 +48,22 @@ def test_smoke_resume_after_stop(tmp_path):
 def test_invalid_hierarchy_fails_before_compute(tmp_path):
   with pytest.raises(Exception, match="not divisible"):
     _run(tmp_path, "--strategy", "single", "--levels", "6")
+
+
+def test_paper_config_reproduces_table2_work_units():
+  from experiments.configs import get_config
+  from mgtrain import full_multiscale as fm
+  from mgtrain.hierarchy import Hierarchy
+  cfg = get_config("paper")
+  h = Hierarchy(levels=cfg.levels, size=cfg.size, base_batch=cfg.base_batch)
+  assert h.batch_sizes == (16, 32, 64, 128)
+  assert cfg.fms_iterations() == (2000, 1000, 500, 250)
+  wu = {s: float(fm.schedule_work_units(
+      fm.make_schedule(s, h, cfg.iterations, cfg.fms_iterations())))
+        for s in fm.STRATEGIES}
+  assert wu == {"single": 480_000.0, "multiscale": 74_000.0, "full-multiscale": 28_750.0}
+
+
+def test_bad_config_name():
+  with pytest.raises(SystemExit):
+    denoise.main(["--config", "huge"])
