@@ -12,7 +12,6 @@ beside the paper's closed form, and the ratio to single-scale.
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
 
 from mgtrain import workunits as wu
 

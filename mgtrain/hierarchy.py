@@ -41,7 +41,6 @@ import warnings
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 SUBSAMPLE_MODES = ("coarsen", "crop", "coarsen+crop")
 RESTRICTIONS = ("average", "bilinear", "nearest")

@@ -1,6 +1,5 @@
 """Shared test helpers: a tiny CNN that is NOT an mgtrain model, and data."""
 
-import os
 import sys
 from pathlib import Path
 

@@ -77,7 +77,6 @@ def test_live_work_units_equal_closed_form(strategy):
 def test_full_multiscale_hot_starts_and_learns():
   h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=2)
   stages = fm.full_multiscale_schedule(h, (40, 20))
-  evals = []
 
   def eval_fn(p):
     val = sample_fn(pool, jax.random.key(7), 16)

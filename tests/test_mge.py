@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TinyCNN, mse_loss_fn, smooth_images
+from conftest import mse_loss_fn, smooth_images
 from mgtrain.hierarchy import Hierarchy, HierarchyError
 from mgtrain.mge import combine_level_grads, mge_loss, mge_value_and_grad
 
