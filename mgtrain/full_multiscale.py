@@ -248,8 +248,9 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       most this many samples x pixels (same gradient; faster on CPU).
     carry_optimizer: at a stage boundary keep the inner optimizer's state
       (e.g. Adam's moments) instead of starting afresh; see
-      :func:`carry_inner_state`. Restarting Adam at the hot start undid most
-      of what the coarse stages had learned in our cpu denoising runs.
+      :func:`carry_inner_state`. In the cpu denoising runs carrying alone
+      did not help (MSE 0.0690 vs 0.0682 fresh); carrying together with a
+      smaller peak rate for finer stages did (0.0612).
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
