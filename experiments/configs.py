@@ -33,9 +33,10 @@ class DenoiseConfig:
   name: str
   size: int                  # finest patch side (pixels)
   levels: int                # L
-  base_batch: int            # N_0; N_j = 2^j N_0
+  base_batch: int            # N_0; N_j = batch_growth^j N_0
   iterations: int            # single-scale and Multiscale iterations
   fms_coarsest_iterations: int  # I of Full-Multiscale; halves per finer stage
+  batch_growth: int = 2      # the reference code doubles; the paper suggests 2-4
   fms_halving: bool = True   # False: equal iterations per stage (Eq. 48)
   learning_rate: float = 5e-4
   cosine: bool = True

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 import flax.linen as nn
@@ -39,13 +40,48 @@ def standard_conv(features: int, kernel_size: int, *, name: str | None = None,
                  name=name, **kwargs)
 
 
-CONV_FACTORIES: dict[str, Callable[..., nn.Module]] = {"standard": standard_conv}
+def _mesh_free(features: int, kernel_size: int | None = None, *, name: str | None = None,
+               **kwargs) -> nn.Module:
+  from mgtrain.nn.meshfree import mesh_free_conv
+  return mesh_free_conv(features, kernel_size, name=name, **kwargs)
 
 
-def get_conv(name: str) -> Callable[..., nn.Module]:
-  """Looks up a conv factory by name (``'standard'``)."""
+def _mesh_free_pairwise(features: int, kernel_size: int | None = None, *,
+                        name: str | None = None, **kwargs) -> nn.Module:
+  from mgtrain.nn.meshfree import mesh_free_conv
+  return mesh_free_conv(features, kernel_size, name=name, pairwise=True, **kwargs)
+
+
+def _spectral(features: int, kernel_size: int | None = None, *, name: str | None = None,
+              **kwargs) -> nn.Module:
+  from mgtrain.nn.spectral import spectral_conv
+  return spectral_conv(features, kernel_size, name=name, **kwargs)
+
+
+CONV_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "standard": standard_conv,
+    # 1x1 map then one heat-equation filter per channel (7 params per channel).
+    "mfc": _mesh_free,
+    # 7 symbol params per (input, output) channel pair: the paper's
+    # parameter counts (MFC-ResNet 532,163).
+    "mfc-pairwise": _mesh_free_pairwise,
+    # FNO truncated-mode spectral conv with its 1x1 bypass.
+    "spectral": _spectral,
+}
+
+
+def get_conv(name: str, **options) -> Callable[..., nn.Module]:
+  """Looks up a conv factory by name; ``options`` are bound as keyword arguments.
+
+  Names: ``'standard'`` (kxk), ``'mfc'`` (mesh-free, per channel),
+  ``'mfc-pairwise'`` (mesh-free, per channel pair) and ``'spectral'`` (FNO).
+  For example ``get_conv('mfc', length_scale=1/32)``.
+  """
   try:
-    return CONV_FACTORIES[name]
+    factory = CONV_FACTORIES[name]
   except KeyError:
     raise ValueError(
         f"unknown conv {name!r}; available: {sorted(CONV_FACTORIES)}") from None
+  if not options:
+    return factory
+  return functools.partial(factory, **options)

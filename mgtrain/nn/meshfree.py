@@ -1,0 +1,286 @@
+"""Mesh-free convolutions (MFC paper, Section 3, Eq. 18-21).
+
+A mesh-free convolution is defined on functions, not on pixels. The input
+``u`` (``d`` channels) is first mapped by a learned 1x1 channel map ``R``
+(``d -> c``), which gives the initial condition of the anisotropic heat
+equation (Eq. 18-19)
+
+  v~_t = L(alpha) v~,   L = a_xx d_xx + 2 a_xy d_xy + a_yy d_yy,   v~(0) = R u,
+
+solved up to time ``tau``; the output is a directional derivative of the
+result, ``v = (g0 + [gx, gy] . grad) v~(tau)``. Because the PDE is linear
+with constant coefficients, its symbol is closed form (Eq. 21)::
+
+  S(kx, ky) = (g0 + i kx gx + i ky gy) * exp(-tau (a_xx kx^2 + 2 a_xy kx ky + a_yy ky^2))
+
+and the layer is ``irfft2(S * rfft2(R u))``. The domain is ``[0, 1]^2`` with
+periodic boundaries, so an ``H x W`` image has spacings ``h_y = 1/H``,
+``h_x = 1/W`` and physical frequencies ``k = 2 pi m`` for integer modes
+``m``. The same parameters therefore mean the same continuous operator on
+every mesh: that is what makes its gradients converge as the mesh refines
+(MFC paper, Lemmas 2-3), unlike a kxk stencil whose physical width shrinks
+with ``h``.
+
+Axes: ``x`` is the column (width) axis and ``y`` the row (height) axis of
+an NHWC image.
+
+Parametrisation (per output channel, 7 numbers as in the paper):
+
+* ``tau = exp(raw_tau) > 0``;
+* ``alpha = L L^T`` with ``L = [[exp(l_xx), 0], [l_xy, exp(l_yy)]]`` scaled by
+  ``length_scale^2``, so ``a_xx, a_yy > 0`` and ``a_xx a_yy - a_xy^2 > 0`` for
+  ANY finite raw values (no clipping);
+* ``gamma = (g0, gx, gy)`` unconstrained; ``gx, gy`` are stored in units of
+  ``length_scale`` so that ``i k gx`` is O(1) at the filter's own scale.
+
+``length_scale`` (a fraction of the domain) sets the initial filter width:
+at initialisation ``sqrt(2 tau a) ~ length_scale``. It is a unit, not a
+mesh: changing the mesh does not change the operator.
+
+On an even mesh the Nyquist mode ``k_N`` and ``-k_N`` are the same grid
+function, so the discrete symbol there is the average of the continuous
+symbol at ``+k_N`` and ``-k_N`` (both axes; four values at the corner). That
+is exactly what the real operator does to ``cos(k_N x)``, keeps the
+discrete operator real, and lets an MFC reproduce any 3x3 stencil on a fixed
+mesh (Lemma 4; simply zeroing the derivative part there left a 3.9 % residual
+on the Nyquist lines).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> layer = MeshFreeConv(8)
+  >>> params = layer.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> layer.apply(params, jnp.ones((2, 64, 64, 3))).shape   # any mesh
+  (2, 64, 64, 8)
+  >>> count_params_mfc = sum(x.size for x in jax.tree.leaves(params))
+  >>> count_params_mfc == 3 * 8 + 8 + 7 * 8   # R, its bias, 7 per channel
+  True
+
+References:
+  Multiscale training of convolutional neural networks / mesh-free
+  convolutions, ``../shared/papers/mesh-free-convolutions.md`` Section 3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MFCCoefficients(NamedTuple):
+  """Physical coefficients of Eq. 18-21, each of shape ``channels`` (or broadcastable)."""
+
+  tau: jnp.ndarray
+  a_xx: jnp.ndarray
+  a_xy: jnp.ndarray
+  a_yy: jnp.ndarray
+  g0: jnp.ndarray
+  gx: jnp.ndarray
+  gy: jnp.ndarray
+  # a_yy - a_xy^2 / a_xx > 0. When given, the quadratic form is evaluated as
+  # a_xx (kx + a_xy/a_xx ky)^2 + schur ky^2, a sum of squares that stays >= 0
+  # in floating point even for nearly degenerate alpha.
+  schur: jnp.ndarray | None = None
+
+
+RAW_NAMES = ("raw_tau", "l_xx", "l_xy", "l_yy", "g0", "gx", "gy")
+
+
+def coefficients(raw: jnp.ndarray, length_scale: float = 1.0) -> MFCCoefficients:
+  """Maps raw parameters ``(..., 7)`` to physical coefficients (see module docstring).
+
+  Ellipticity is by construction: ``alpha = length_scale^2 L L^T`` with a
+  lower-triangular ``L`` of positive diagonal, so for any finite ``raw``,
+  ``a_xx > 0``, ``a_yy > 0`` and ``a_xx a_yy - a_xy^2 = length_scale^4
+  exp(2 l_xx + 2 l_yy) > 0``.
+  """
+  raw = jnp.asarray(raw)
+  if raw.shape[-1] != 7:
+    raise ValueError(f"raw MFC parameters need a trailing axis of 7 "
+                     f"({', '.join(RAW_NAMES)}), got shape {raw.shape}")
+  raw_tau, l_xx, l_xy, l_yy, g0, gx, gy = jnp.moveaxis(raw, -1, 0)
+  s2 = length_scale ** 2
+  d_x, d_y = jnp.exp(l_xx), jnp.exp(l_yy)
+  return MFCCoefficients(
+      tau=jnp.exp(raw_tau),
+      a_xx=s2 * d_x * d_x,
+      a_xy=s2 * d_x * l_xy,
+      a_yy=s2 * (l_xy * l_xy + d_y * d_y),
+      g0=g0, gx=length_scale * gx, gy=length_scale * gy, schur=s2 * d_y * d_y)
+
+
+def physical_frequencies(n: int, spacing: float, real: bool = False) -> jnp.ndarray:
+  """Angular frequencies ``2 pi m / (n spacing)`` of an ``n``-point periodic mesh.
+
+  ``real=True`` gives the ``n // 2 + 1`` non-negative frequencies of ``rfft``.
+  """
+  if real:
+    return 2 * jnp.pi * jnp.fft.rfftfreq(n, d=spacing)
+  return 2 * jnp.pi * jnp.fft.fftfreq(n, d=spacing)
+
+
+def _nyquist_partner(k: jnp.ndarray, n: int) -> jnp.ndarray:
+  """``k`` with its Nyquist entry negated (a no-op for odd ``n``)."""
+  if n % 2:
+    return k
+  return k.at[n // 2].multiply(-1.0)
+
+
+def symbol(coeffs: MFCCoefficients, ky: jnp.ndarray, kx: jnp.ndarray,
+           odd_mask: jnp.ndarray | float = 1.0) -> jnp.ndarray:
+  """The closed-form symbol of Eq. 21 at frequencies ``(ky, kx)``.
+
+  ``S = (g0 + i kx gx + i ky gy) exp(-tau (a_xx kx^2 + 2 a_xy kx ky + a_yy ky^2))``.
+  Every argument broadcasts; a common layout is ``ky`` of shape ``(H, 1, 1)``,
+  ``kx`` of shape ``(1, W', 1)`` and coefficients of shape ``(C,)``, giving
+  ``(H, W', C)``. ``odd_mask`` multiplies the derivative part (e.g. to zero
+  it at a 1D Nyquist mode); :func:`discrete_symbol` averages instead.
+  """
+  c = coeffs
+  if c.schur is None:
+    quad = c.a_xx * kx * kx + 2 * c.a_xy * kx * ky + c.a_yy * ky * ky
+  else:
+    shifted = kx + (c.a_xy / c.a_xx) * ky
+    quad = c.a_xx * shifted * shifted + c.schur * ky * ky
+  damp = jnp.exp(-c.tau * quad)
+  return jax.lax.complex(c.g0 * damp, (c.gx * kx + c.gy * ky) * odd_mask * damp)
+
+
+def discrete_symbol(coeffs: MFCCoefficients, height: int, width: int,
+                    spacing: tuple[float, float]) -> jnp.ndarray:
+  """The symbol on the ``rfft2`` grid of a ``height x width`` mesh.
+
+  ``spacing = (h_y, h_x)``. Nyquist lines use the average over ``+-k_N`` (see
+  the module docstring). Returns ``(height, width // 2 + 1) + coeffs.tau.shape``.
+  """
+  trailing = (None,) * jnp.ndim(coeffs.tau)
+  ky = physical_frequencies(height, spacing[0])
+  kx = physical_frequencies(width, spacing[1], real=True)
+  variants_y = [ky] if height % 2 else [ky, _nyquist_partner(ky, height)]
+  variants_x = [kx] if width % 2 else [kx, _nyquist_partner(kx, width)]
+  total = 0.0
+  for vy in variants_y:
+    for vx in variants_x:
+      total = total + symbol(coeffs, vy[(slice(None), None) + trailing],
+                             vx[(None, slice(None)) + trailing])
+  return total / (len(variants_y) * len(variants_x))
+
+
+def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
+                pad: int = 0, pairwise: bool = False) -> jnp.ndarray:
+  """Applies the per-channel MFC filter to NHWC ``v`` through ``rfft2``.
+
+  Args:
+    v: ``(B, H, W, C)`` real images on the ``[0, 1]^2`` domain.
+    raw: raw parameters ``(C, 7)``, or ``(C_in, C_out, 7)`` with ``pairwise``.
+    length_scale: unit of the parametrisation (see :func:`coefficients`).
+    pad: zero padding in pixels on each side (0: periodic boundaries). The
+      padded mesh keeps the spacing ``1/H, 1/W``, so frequencies stay physical.
+    pairwise: if True, output channel ``o`` is ``sum_i S_io * v_i`` (a full
+      channel-mixing operator with 7 parameters per pair, the parameter count
+      of the paper's MFC-ResNet / MFC-UNet); otherwise ``S_c * v_c``.
+
+  Returns:
+    ``(B, H, W, C)`` (``C_out`` with ``pairwise``), same dtype as ``v``.
+  """
+  if v.ndim != 4:
+    raise ValueError(f"expected NHWC images, got shape {v.shape}")
+  _, height, width, channels = v.shape
+  if pad < 0:
+    raise ValueError(f"pad must be >= 0, got {pad}")
+  expected = (channels, 7) if not pairwise else (channels, raw.shape[1], 7)
+  if raw.shape != expected:
+    raise ValueError(f"raw parameters of shape {raw.shape} do not fit {channels} "
+                     f"input channels (expected {expected})")
+  if pad:
+    v = jnp.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ph, pw = height + 2 * pad, width + 2 * pad
+  coeffs = coefficients(raw, length_scale)
+  s = discrete_symbol(coeffs, ph, pw, (1.0 / height, 1.0 / width))
+  # FFTs in float32 at least (bfloat16 FFTs are not supported), float64 kept.
+  spec = jnp.fft.rfft2(v.astype(jnp.promote_types(v.dtype, jnp.float32)), axes=(1, 2))
+  if pairwise:
+    spec = jnp.einsum("bhwi,hwio->bhwo", spec, s)
+  else:
+    spec = spec * s
+  out = jnp.fft.irfft2(spec, s=(ph, pw), axes=(1, 2))
+  if pad:
+    out = out[:, pad:pad + height, pad:pad + width]
+  return out.astype(v.dtype)
+
+
+def init_raw(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
+             *, width: float = 1.0, jitter: float = 0.1,
+             gain: float = 1.0) -> jnp.ndarray:
+  """Initial raw parameters ``shape + (7,)`` for filters of width ~ ``width`` units.
+
+  ``tau = 1/2``, ``alpha ~ width^2 I`` (so ``sqrt(2 tau a) ~ width``), random
+  orientation and lobes of order one: ``g0 ~ N(0, 1)`` and ``gx, gy ~ N(0,
+  1/2)``, all jittered so that channels start different. ``gain`` scales
+  the ``gamma`` draws (``1/sqrt(fan_in)`` for pairwise filters, whose outputs
+  sum over input channels).
+  """
+  k1, k2 = jax.random.split(key)
+  base = jnp.array([math.log(0.5), math.log(width), 0.0, math.log(width), 0.0, 0.0, 0.0],
+                   dtype)
+  noise = jitter * jax.random.normal(k1, shape + (4,), dtype)
+  gammas = jax.random.normal(k2, shape + (3,), dtype) * (gain * jnp.array([1.0, 0.5, 0.5], dtype))
+  return base + jnp.concatenate([noise, gammas], axis=-1)
+
+
+class MeshFreeConv(nn.Module):
+  """Mesh-free convolution: 1x1 channel map ``R`` then the heat-equation filter.
+
+  Maps ``(B, H, W, d)`` to ``(B, H, W, features)`` for any ``H, W``; the
+  parameters do not depend on the mesh.
+
+  Attributes:
+    features: output channels ``c``.
+    length_scale: unit (fraction of the image side) of the filter width and of
+      ``gx, gy``; the initial filters are about this wide. Default 1/16.
+    padding: zero padding on each side as a fraction of the image side (0:
+      periodic boundaries, the paper's setting). A fraction, not pixels, so the
+      operator stays the same on every mesh.
+    pairwise: 7 symbol parameters per (input, output) channel pair instead of
+      per channel; ``R`` then maps ``d -> d``. This is the parametrisation
+      whose parameter count matches the paper's MFC-ResNet (532,163) and
+      MFC-UNet; it costs a ``d x c`` complex contraction per frequency.
+    use_bias: bias of ``R``.
+  """
+
+  features: int
+  length_scale: float = 1.0 / 16
+  padding: float = 0.0
+  pairwise: bool = False
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if x.ndim != 4:
+      raise ValueError(f"MeshFreeConv expects NHWC images, got shape {x.shape}")
+    if not 0.0 <= self.padding <= 1.0:
+      raise ValueError(f"padding is a fraction of the image side in [0, 1], got {self.padding}")
+    if self.length_scale <= 0:
+      raise ValueError(f"length_scale must be positive, got {self.length_scale}")
+    d = x.shape[-1]
+    mid = d if self.pairwise else self.features
+    v = nn.Dense(mid, use_bias=self.use_bias, name="channel_map")(x)
+    shape = (mid, self.features) if self.pairwise else (self.features,)
+    gain = 1.0 / math.sqrt(mid) if self.pairwise else 1.0
+    raw = self.param("symbol", lambda k, s: init_raw(k, s, gain=gain), shape)
+    pad = int(round(self.padding * max(x.shape[1], x.shape[2])))
+    return heat_filter(v, raw, length_scale=self.length_scale, pad=pad,
+                       pairwise=self.pairwise)
+
+
+def mesh_free_conv(features: int, kernel_size: int | None = None, *,
+                   name: str | None = None, **kwargs) -> MeshFreeConv:
+  """Conv-factory entry (see :mod:`mgtrain.nn.convs`): ``kernel_size`` is ignored.
+
+  A mesh-free conv has no stencil; its width is learned (``tau``, ``alpha``).
+  """
+  del kernel_size
+  return MeshFreeConv(features, name=name, **kwargs)

@@ -1,0 +1,237 @@
+"""Mesh-free convolution: continuous operator, mesh independence, ellipticity, Lemma 4."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from mgtrain.nn import meshfree
+from mgtrain.nn.convs import get_conv
+from mgtrain.nn.meshfree import MeshFreeConv, coefficients, heat_filter
+from mgtrain.nn.resnet import ResNet, count_params
+
+
+def _grid(n):
+  x = (np.arange(n) + 0.5) / n
+  return np.meshgrid(x, x, indexing="ij")   # (Y, X): rows are y, columns x
+
+
+def _raw(tau, l_xx, l_xy, l_yy, g0, gx, gy):
+  return jnp.array([[np.log(tau), l_xx, l_xy, l_yy, g0, gx, gy]], jnp.float32)
+
+
+def test_gaussian_matches_closed_form_heat_solution():
+  # A Gaussian of covariance s^2 I evolved by v_t = div(A grad v) for time tau
+  # is a Gaussian of covariance s^2 I + 2 tau A (mass preserved); then
+  # v = g0 v + gx dv/dx + gy dv/dy. sigma is small, so periodic images are negligible.
+  n, s, centre = 256, 0.05, 0.5
+  raw = _raw(0.3, np.log(0.05), 0.02, np.log(0.04), 0.7, 0.3, -0.2)
+  c = coefficients(raw)
+  yy, xx = _grid(n)
+  u = np.exp(-((xx - centre) ** 2 + (yy - centre) ** 2) / (2 * s * s))
+  out = np.asarray(heat_filter(jnp.asarray(u, jnp.float32)[None, :, :, None], raw))[0, :, :, 0]
+
+  a = np.array([[c.a_xx[0], c.a_xy[0]], [c.a_xy[0], c.a_yy[0]]], np.float64)
+  sigma = s * s * np.eye(2) + 2 * float(c.tau[0]) * a
+  inv = np.linalg.inv(sigma)
+  d = np.stack([xx - centre, yy - centre], -1)
+  v = s * s / np.sqrt(np.linalg.det(sigma)) * np.exp(
+      -0.5 * np.einsum("...i,ij,...j->...", d, inv, d))
+  grad = -np.einsum("ij,...j->...i", inv, d) * v[..., None]
+  ref = float(c.g0[0]) * v + float(c.gx[0]) * grad[..., 0] + float(c.gy[0]) * grad[..., 1]
+  err = np.abs(out - ref).max() / np.abs(ref).max()
+  assert err < 1e-5, err
+
+
+def test_symbol_is_eq_21_on_a_single_fourier_mode():
+  # A single mode e^{i k.x} is an eigenfunction: the response is S(k) e^{i k.x}.
+  n, mx, my = 64, 3, -2
+  raw = _raw(0.5, np.log(0.03), -0.01, np.log(0.02), 0.4, 0.05, 0.08)
+  c = coefficients(raw)
+  yy, xx = _grid(n)
+  kx, ky = 2 * np.pi * mx, 2 * np.pi * my
+  phase = kx * xx + ky * yy
+  out_cos = np.asarray(heat_filter(jnp.asarray(np.cos(phase), jnp.float32)[None, ..., None], raw))
+  quad = c.a_xx[0] * kx ** 2 + 2 * c.a_xy[0] * kx * ky + c.a_yy[0] * ky ** 2
+  sym = (float(c.g0[0]) + 1j * (float(c.gx[0]) * kx + float(c.gy[0]) * ky)) * np.exp(
+      -float(c.tau[0]) * float(quad))
+  expected = np.real(sym * np.exp(1j * phase))
+  np.testing.assert_allclose(out_cos[0, :, :, 0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_low_frequency_response_is_mesh_independent(pairwise):
+  layer = MeshFreeConv(4, length_scale=1 / 8, pairwise=pairwise)
+  params = layer.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)))
+  samples = []
+  for n in (32, 64, 128, 256):
+    yy, xx = np.meshgrid(np.arange(n) / n, np.arange(n) / n, indexing="ij")
+    u = np.stack([np.sin(2 * np.pi * xx) + np.cos(2 * np.pi * (xx + 2 * yy)),
+                  np.cos(4 * np.pi * yy)], -1)
+    out = np.asarray(jax.jit(layer.apply)(params, jnp.asarray(u, jnp.float32)[None]))[0]
+    samples.append(out[:: n // 8, :: n // 8])   # the same 8x8 physical points
+  for s in samples[1:]:
+    np.testing.assert_allclose(s, samples[0], atol=2e-5)
+
+
+def test_standard_conv_is_not_mesh_independent():
+  # The contrast the MFC paper draws: a 3x3 stencil's physical width is 3h, so
+  # the same weights give another operator on another mesh.
+  layer = get_conv("standard")(4, 3)
+  params = layer.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)))
+  samples = []
+  for n in (32, 64):
+    yy, xx = np.meshgrid(np.arange(n) / n, np.arange(n) / n, indexing="ij")
+    u = np.stack([np.sin(2 * np.pi * xx), np.cos(4 * np.pi * yy)], -1)
+    out = np.asarray(layer.apply(params, jnp.asarray(u, jnp.float32)[None]))[0]
+    samples.append(out[n // 4:3 * n // 4:n // 8, n // 4:3 * n // 4:n // 8])   # interior
+  assert np.abs(samples[0] - samples[1]).max() > 1e-2
+
+
+def test_ellipticity_holds_for_any_raw_parameters():
+  raw = 8.0 * jax.random.normal(jax.random.key(3), (10_000, 7))
+  c = coefficients(raw, length_scale=0.1)
+  assert (np.asarray(c.tau) > 0).all() and (np.asarray(c.a_xx) > 0).all()
+  assert (np.asarray(c.a_yy) > 0).all() and (np.asarray(c.schur) > 0).all()
+  # det = a_xx * schur = ls^4 exp(2 l_xx + 2 l_yy): positive by construction.
+  r64 = np.asarray(raw, np.float64)
+  np.testing.assert_allclose(np.asarray(c.a_xx, np.float64) * np.asarray(c.schur, np.float64),
+                             np.exp(4 * np.log(0.1) + 2 * r64[:, 1] + 2 * r64[:, 3]), rtol=1e-4)
+  # Where float32 can resolve it, a_xx a_yy - a_xy^2 agrees with that determinant.
+  moderate = np.abs(r64[:, 1:4]).max(axis=1) < 2
+  a_xx, a_xy, a_yy = (np.asarray(x, np.float64)[moderate] for x in (c.a_xx, c.a_xy, c.a_yy))
+  np.testing.assert_allclose(a_xx * a_yy - a_xy ** 2,
+                             np.exp(4 * np.log(0.1) + 2 * r64[moderate, 1] + 2 * r64[moderate, 3]),
+                             rtol=1e-3)
+  # The quadratic form of the symbol is never negative, so |S| <= |g0 + i k.g|.
+  k = 300.0 * jax.random.normal(jax.random.key(4), (2, 10_000))
+  s = meshfree.symbol(c, k[0], k[1])
+  bound = np.abs(np.asarray(c.g0) + 1j * (np.asarray(c.gx) * np.asarray(k[1])
+                                          + np.asarray(c.gy) * np.asarray(k[0])))
+  assert (np.abs(np.asarray(s)) <= bound * (1 + 1e-5) + 1e-30).all()
+
+
+def test_gradients_match_finite_differences():
+  layer = MeshFreeConv(3, length_scale=1 / 6, padding=0.125)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 2))
+  params = layer.init(jax.random.key(2), x)
+
+  @jax.jit
+  def loss(p):
+    return jnp.sum(jnp.sin(layer.apply(p, x)))
+
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    x = x.astype(jnp.float64)
+    check_grads(loss, (p64,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    grads = jax.grad(loss)(p64)
+  # Gradients reach R and all 7 raw parameters of every channel.
+  sym = np.asarray(grads["params"]["symbol"])
+  assert sym.shape == (3, 7) and (np.abs(sym) > 0).all()
+  assert np.abs(np.asarray(grads["params"]["channel_map"]["kernel"])).min() > 0
+
+
+def test_zero_padding_removes_wraparound():
+  n = 32
+  u = np.zeros((1, n, n, 1), np.float32)
+  u[0, n // 2, 1, 0] = 1.0            # next to the left edge
+  raw = _raw(0.5, np.log(0.08), 0.0, np.log(0.08), 1.0, 0.0, 0.0)
+  periodic = np.asarray(heat_filter(jnp.asarray(u), raw))[0, :, :, 0]
+  padded = np.asarray(heat_filter(jnp.asarray(u), raw, pad=n // 2))[0, :, :, 0]
+  right = slice(n - 3, n)
+  assert periodic[n // 2, right].max() > 0.2 * periodic.max()     # wrapped around
+  assert padded[n // 2, right].max() < 1e-3 * padded.max()
+  # Away from the boundary the two agree.
+  np.testing.assert_allclose(padded[n // 2, 1:6], periodic[n // 2, 1:6], rtol=0.2)
+
+
+def test_pairwise_with_identity_channels_equals_depthwise():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  raw = meshfree.init_raw(jax.random.key(1), (3,), width=1.0)
+  depthwise = heat_filter(x, raw, length_scale=0.1)
+  big = jnp.full((3, 3, 7), 0.0).at[:, :, 0].set(-50.0)   # tau ~ 0 ...
+  big = big.at[:, :, 4].set(0.0)                          # ... and g = 0 off the diagonal
+  big = big.at[jnp.arange(3), jnp.arange(3)].set(raw)
+  pairwise = heat_filter(x, big, length_scale=0.1, pairwise=True)
+  np.testing.assert_allclose(np.asarray(pairwise), np.asarray(depthwise), atol=1e-5)
+
+
+def _basis_raw(widths, angles, ratios):
+  rows = []
+  for w in widths:
+    for theta in angles:
+      for r in ratios:
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        chol = np.linalg.cholesky(rot @ np.diag([w * w, (w / r) ** 2]) @ rot.T)
+        for g in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+          rows.append([np.log(0.5), np.log(chol[0, 0]), chol[1, 0], np.log(chol[1, 1]), *g])
+  return jnp.asarray(np.array(rows), jnp.float32)
+
+
+def test_lemma_4_mfc_reproduces_a_3x3_conv_on_a_fixed_mesh():
+  # Lemma 4 (MFC paper, Eq. 36-37): filters with varied alpha and gamma span the
+  # kxk stencils of a fixed mesh, so least squares over their weights fits any
+  # 3x3 conv. Realised as one MFC layer (1 -> m channels) and a 1x1 sum.
+  n = 16
+  kernel = np.asarray(jax.random.normal(jax.random.key(1), (3, 3)), np.float32)
+
+  def conv3x3(u):   # periodic cross-correlation, as nn.Conv computes it
+    return jax.lax.conv_general_dilated(
+        jnp.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap"),
+        jnp.asarray(kernel)[:, :, None, None], (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  raw = _basis_raw(np.geomspace(0.01, 2.0, 6), np.linspace(0, np.pi, 4, endpoint=False), (1, 3))
+  delta = jnp.zeros((1, n, n, 1)).at[0, n // 2, n // 2, 0].set(1.0)
+  responses = heat_filter(jnp.broadcast_to(delta, (1, n, n, raw.shape[0])), raw,
+                          length_scale=1 / n)
+  basis = np.asarray(responses, np.float64)[0].reshape(n * n, -1)
+  target = np.asarray(conv3x3(delta), np.float64).ravel()
+  weights, *_ = np.linalg.lstsq(basis, target, rcond=None)
+
+  u = jax.random.normal(jax.random.key(5), (4, n, n, 1))
+  mfc_out = jnp.einsum("bhwc,c->bhw", heat_filter(jnp.broadcast_to(u, (4, n, n, raw.shape[0])),
+                                                  raw, length_scale=1 / n),
+                       jnp.asarray(weights, jnp.float32))
+  ref = conv3x3(u)[..., 0]
+  residual = float(jnp.sum((mfc_out - ref) ** 2) / jnp.sum(ref ** 2))
+  assert residual < 1e-2, residual
+
+
+def test_mfc_resnet_parameter_counts():
+  x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,))
+  pairwise = jax.eval_shape(ResNet(conv=get_conv("mfc-pairwise")).init, jax.random.key(0), x, t)
+  # MFC paper Table 13 / DESIGN.md: MFC-ResNet has 532,163 parameters, which is
+  # what 7 symbol parameters per channel pair give.
+  assert count_params(pairwise) == 532_163
+  depthwise = jax.eval_shape(ResNet(conv=get_conv("mfc")).init, jax.random.key(0), x, t)
+  assert count_params(depthwise) == 597_699 - 4 * (8 * 128 * 128) + 4 * 7 * 128
+
+
+def test_mfc_resnet_runs_on_several_meshes_without_new_params():
+  model = ResNet(conv=get_conv("mfc"))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
+  apply = jax.jit(model.apply)
+  for n in (8, 32):
+    out = apply(params, jnp.ones((2, n, n, 3)), jnp.full((2,), 0.5))
+    assert out.shape == (2, n, n, 3) and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(padding=1.5), "padding"),
+    (dict(length_scale=0.0), "length_scale"),
+])
+def test_invalid_layer_options_raise(bad, match):
+  layer = MeshFreeConv(2, **bad)
+  with pytest.raises(ValueError, match=match):
+    layer.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_invalid_shapes_raise():
+  with pytest.raises(ValueError, match="NHWC"):
+    MeshFreeConv(2).init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+  with pytest.raises(ValueError, match="trailing axis of 7"):
+    coefficients(jnp.zeros((3, 6)))
+  with pytest.raises(ValueError, match="do not fit"):
+    heat_filter(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 7)))
