@@ -154,19 +154,27 @@ def discrete_symbol(coeffs: MFCCoefficients, height: int, width: int,
   """The symbol on the ``rfft2`` grid of a ``height x width`` mesh.
 
   ``spacing = (h_y, h_x)``. Nyquist lines use the average over ``+-k_N`` (see
-  the module docstring). Returns ``(height, width // 2 + 1) + coeffs.tau.shape``.
+  the module docstring); only those lines are evaluated more than once.
+  Returns ``(height, width // 2 + 1) + coeffs.tau.shape``.
   """
   trailing = (None,) * jnp.ndim(coeffs.tau)
+
+  def at(ky, kx):
+    return symbol(coeffs, ky[(slice(None), None) + trailing], kx[(None, slice(None)) + trailing])
+
   ky = physical_frequencies(height, spacing[0])
   kx = physical_frequencies(width, spacing[1], real=True)
-  variants_y = [ky] if height % 2 else [ky, _nyquist_partner(ky, height)]
-  variants_x = [kx] if width % 2 else [kx, _nyquist_partner(kx, width)]
-  total = 0.0
-  for vy in variants_y:
-    for vx in variants_x:
-      total = total + symbol(coeffs, vy[(slice(None), None) + trailing],
-                             vx[(None, slice(None)) + trailing])
-  return total / (len(variants_y) * len(variants_x))
+  s = at(ky, kx)
+  kx_variants = [kx]
+  if width % 2 == 0:
+    kx_variants.append(_nyquist_partner(kx, width))
+    col = 0.5 * (at(ky, kx[-1:]) + at(ky, -kx[-1:]))
+    s = s.at[:, -1:].set(col)
+  if height % 2 == 0:
+    k_n = ky[height // 2:height // 2 + 1]
+    row = sum(at(sign * k_n, kxv) for sign in (1.0, -1.0) for kxv in kx_variants)
+    s = s.at[height // 2:height // 2 + 1].set(row / (2 * len(kx_variants)))
+  return s
 
 
 def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
@@ -247,7 +255,9 @@ class MeshFreeConv(nn.Module):
     pairwise: 7 symbol parameters per (input, output) channel pair instead of
       per channel; ``R`` then maps ``d -> d``. This is the parametrisation
       whose parameter count matches the paper's MFC-ResNet (532,163) and
-      MFC-UNet; it costs a ``d x c`` complex contraction per frequency.
+      MFC-UNet; it costs a ``d x c`` complex contraction per frequency. On
+      this 2-core CPU a ResNet fwd+bwd step (batch 8, 32^2) took 2.93 s
+      pairwise, 0.93 s with 3x3 convs and 0.35 s per-channel (same run).
     use_bias: bias of ``R``.
   """
 
