@@ -122,13 +122,6 @@ def physical_frequencies(n: int, spacing: float, real: bool = False) -> jnp.ndar
   return 2 * jnp.pi * jnp.fft.fftfreq(n, d=spacing)
 
 
-def _nyquist_partner(k: jnp.ndarray, n: int) -> jnp.ndarray:
-  """``k`` with its Nyquist entry negated (a no-op for odd ``n``)."""
-  if n % 2:
-    return k
-  return k.at[n // 2].multiply(-1.0)
-
-
 def symbol(coeffs: MFCCoefficients, ky: jnp.ndarray, kx: jnp.ndarray,
            odd_mask: jnp.ndarray | float = 1.0) -> jnp.ndarray:
   """The closed-form symbol of Eq. 21 at frequencies ``(ky, kx)``.
@@ -154,26 +147,25 @@ def discrete_symbol(coeffs: MFCCoefficients, height: int, width: int,
   """The symbol on the ``rfft2`` grid of a ``height x width`` mesh.
 
   ``spacing = (h_y, h_x)``. Nyquist lines use the average over ``+-k_N`` (see
-  the module docstring); only those lines are evaluated more than once.
-  Returns ``(height, width // 2 + 1) + coeffs.tau.shape``.
+  the module docstring). Returns ``(height, width // 2 + 1) + coeffs.tau.shape``.
   """
   trailing = (None,) * jnp.ndim(coeffs.tau)
-
-  def at(ky, kx):
-    return symbol(coeffs, ky[(slice(None), None) + trailing], kx[(None, slice(None)) + trailing])
-
   ky = physical_frequencies(height, spacing[0])
   kx = physical_frequencies(width, spacing[1], real=True)
-  s = at(ky, kx)
-  kx_variants = [kx]
-  if width % 2 == 0:
-    kx_variants.append(_nyquist_partner(kx, width))
-    col = 0.5 * (at(ky, kx[-1:]) + at(ky, -kx[-1:]))
-    s = s.at[:, -1:].set(col)
-  if height % 2 == 0:
-    k_n = ky[height // 2:height // 2 + 1]
-    row = sum(at(sign * k_n, kxv) for sign in (1.0, -1.0) for kxv in kx_variants)
-    s = s.at[height // 2:height // 2 + 1].set(row / (2 * len(kx_variants)))
+  even_y, even_x = height % 2 == 0, width % 2 == 0
+  # One evaluation on a grid extended by the partner frequencies -k_N, then
+  # averaging by slices: each separate symbol evaluation added ~0.5 s to the
+  # gradient's compile time on CPU (3.0 s instead of 0.7 s at 128^2).
+  if even_y:
+    ky = jnp.concatenate([ky, -ky[height // 2:height // 2 + 1]])
+  if even_x:
+    kx = jnp.concatenate([kx, -kx[-1:]])
+  s = symbol(coeffs, ky[(slice(None), None) + trailing], kx[(None, slice(None)) + trailing])
+  if even_x:
+    s = jnp.concatenate([s[:, :-2], 0.5 * (s[:, -2:-1] + s[:, -1:])], axis=1)
+  if even_y:
+    half = height // 2
+    s = jnp.concatenate([s[:half], 0.5 * (s[half:half + 1] + s[-1:]), s[half + 1:-1]], axis=0)
   return s
 
 
