@@ -16,7 +16,9 @@ Sections (``--sections``):
   - ``mge{L}``: an ``L``-level MGE step, batches ``N_j = 2^j N0``;
   - ``single_b{sum N_j}``: single-scale on the same number of samples.
 
-  The ratio ``single_b{sum}/mge`` sits next to the #WU ratio
+  Models: ``resnet``, ``mfc-resnet``, ``mfc-pairwise-resnet``, ``unet`` and
+  ``mfc-unet`` (the UNet in eval mode, dropout off). The ratio
+  ``single_b{sum}/mge`` sits next to the #WU ratio
   (6.49x for 4 levels). Peak device memory is reported where the backend
   exposes ``memory_stats()`` (GPUs); the CPU backend does not.
 * ``mfc`` (item 1c): a mesh-free conv (1x1 map + heat filter, per channel)
@@ -58,10 +60,23 @@ from experiments.denoise import CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, make
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
+from mgtrain.nn.convs import get_conv
 from mgtrain.nn.meshfree import MeshFreeConv
+from mgtrain.nn.unet import UNet
 from mgtrain.transform import multiscale
 
 SECTIONS = ("steps", "mfc")
+# The UNet is timed in eval mode: dropout off (the reference trains with 0.5,
+# which adds one mask draw and multiply per block).
+BENCH_MODELS = tuple(MODEL_CONVS) + ("unet", "mfc-unet")
+
+
+def _bench_model(name: str):
+  if name == "unet":
+    return UNet()
+  if name == "mfc-unet":
+    return UNet(conv=get_conv("mfc"))
+  return build_model(name)
 PLANNED = {"torch": "1b", "time-to-mse": "1d", "loss-eval": "1e", "pipeline": "1f"}
 
 
@@ -80,7 +95,7 @@ class BenchConfig:
 
 CONFIGS = {
     # The reference points: 4 levels, batches 16/32/64/128.
-    "gpu": BenchConfig("gpu", (64, 128, 256), 4, 16, ("resnet",), 20,
+    "gpu": BenchConfig("gpu", (64, 128, 256), 4, 16, ("resnet", "unet"), 20,
                        (64, 128, 256), (32, 128), 16),
     # A 64^2 single b240 step takes about a minute on 2 CPU cores.
     "cpu": BenchConfig("cpu", (64,), 4, 16, ("resnet",), 3, (64, 128, 256), (32, 128), 16),
@@ -132,7 +147,7 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, progress=print) -> list[dict]:
   rows = []
   for model_name in config.models:
-    model = build_model(model_name)
+    model = _bench_model(model_name)
     loss_fn = make_loss_fn(model)
     for size in config.sizes:
       hierarchy = Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch,
@@ -226,7 +241,7 @@ def parse_args(argv=None):
                  help="JAX platform to run on (default: what JAX finds)")
   p.add_argument("--sections", nargs="+", default=list(SECTIONS),
                  help=f"any of {SECTIONS}")
-  p.add_argument("--models", nargs="+", choices=sorted(MODEL_CONVS), default=None)
+  p.add_argument("--models", nargs="+", choices=BENCH_MODELS, default=None)
   p.add_argument("--sizes", nargs="+", type=int, default=None)
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
