@@ -52,7 +52,6 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from experiments.denoise import CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, make_loss_fn, \
