@@ -1,0 +1,91 @@
+"""Runs in a subprocess with 8 fake CPU devices (see tests/test_parallel.py).
+
+Compares one 3-level MGE Adam step (and one single-scale step) computed on one
+device with the same step data-parallel over 8 devices; prints JSON.
+"""
+
+import json
+import os
+import sys
+
+# The caller sets XLA_FLAGS=--xla_force_host_platform_device_count=8 (importing
+# this module, e.g. for doctest collection, changes nothing).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from mgtrain import full_multiscale as fm  # noqa: E402
+from mgtrain import parallel  # noqa: E402
+from mgtrain.hierarchy import Hierarchy  # noqa: E402
+from mgtrain.transform import multiscale  # noqa: E402
+from tests.conftest import TinyCNN, mse_loss_fn, smooth_images  # noqa: E402
+
+
+def sample_fn(pool, key, n):
+  idx = jax.random.randint(key, (n,), 0, pool.shape[0])
+  x = pool[idx]
+  return {"x": x, "y": jnp.roll(x, 1, axis=2)}
+
+
+def run(stage, hierarchy, mesh):
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  pool = smooth_images(jax.random.key(1), 64, 32)
+  tx = multiscale(optax.adam(1e-2), len(stage.levels))
+  state = fm.init_state(params, seed=3, opt_state=tx.init(params))
+  sample = sample_fn if mesh is None else parallel.shard_batches(sample_fn, mesh)
+  step = jax.jit(fm.make_stage_step(stage, hierarchy, mse_loss_fn(model), sample, tx))
+  if mesh is not None:
+    state, pool = parallel.replicate((state, pool), mesh)
+  hlo = step.lower(state, pool).compile().as_text()
+  for _ in range(2):
+    state, metrics = step(state, pool)
+  leaves = jax.tree.leaves(state.params)
+  devices = len(leaves[0].sharding.device_set)
+  return state, float(metrics["loss"]), devices, "all-reduce" in hlo
+
+
+def main():
+  h = Hierarchy(levels=3, size=32, base_batch=8)
+  mesh = parallel.data_mesh()
+  out = {"devices": len(jax.devices())}
+  for name, stage in (("mge", fm.multiscale_schedule(h, 2)[0]),
+                      ("single", fm.Stage((0,), (16,), 2))):
+    ref, loss_ref, _, _ = run(stage, h, None)
+    par, loss_par, on, all_reduce = run(stage, h, mesh)
+    diff = max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(par.params)))
+    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(ref.params))
+    out[name] = {"max_abs_diff": diff, "param_scale": scale, "loss_1dev": loss_ref,
+                 "loss_8dev": loss_par, "param_devices": on,
+                 "all_reduce": all_reduce,
+                 "work_units": [float(ref.work_units), float(par.work_units)]}
+  # fm.train with a mesh: a 2-stage Full-Multiscale run, 2 steps per stage.
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+  pool = smooth_images(jax.random.key(1), 64, 32)
+  h2 = Hierarchy(levels=2, size=32, base_batch=8)
+  stages = fm.full_multiscale_schedule(h2, (2, 2))
+  finals = []
+  for m in (None, mesh):
+    state, _ = fm.train(params=params, stages=stages, hierarchy=h2, loss_fn=mse_loss_fn(model),
+                        sample_fn=sample_fn, data=pool,
+                        make_optimizer=lambda it: optax.adam(1e-2), seed=0, progress=False,
+                        mesh=m)
+    finals.append(state)
+  out["train_max_abs_diff"] = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(finals[0].params), jax.tree.leaves(finals[1].params)))
+  out["train_work_units"] = [float(f.work_units) for f in finals]
+  try:
+    parallel.check_batches((8, 12), mesh)
+    out["check_error"] = None
+  except ValueError as e:
+    out["check_error"] = str(e)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""Data-parallel MGE step on 8 fake CPU devices equals the one-device step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from mgtrain import parallel
+
+SCRIPT = Path(__file__).with_name("parallel_check.py")
+
+
+@pytest.fixture(scope="module")
+def eight_device_result():
+  # A fresh process: the device count is fixed when jax initialises.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                        env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["mge", "single"])
+def test_sharded_step_matches_one_device(eight_device_result, name):
+  r = eight_device_result
+  assert r["devices"] == 8
+  out = r[name]
+  assert out["param_devices"] == 8                      # params live on all 8
+  assert out["all_reduce"]                              # the batch really is split
+  assert out["max_abs_diff"] <= 1e-5 * max(1.0, out["param_scale"])
+  assert out["loss_8dev"] == pytest.approx(out["loss_1dev"], rel=1e-5, abs=1e-7)
+  assert out["work_units"][0] == out["work_units"][1]
+
+
+def test_train_with_a_mesh_matches_one_device(eight_device_result):
+  r = eight_device_result
+  assert r["train_max_abs_diff"] <= 1e-5
+  assert r["train_work_units"][0] == r["train_work_units"][1]
+
+
+def test_uneven_batches_are_rejected(eight_device_result):
+  assert "divisible by the 8 devices" in eight_device_result["check_error"]
+
+
+def test_single_device_mesh_and_errors():
+  mesh = parallel.data_mesh()
+  assert mesh.shape["data"] == len(jax.devices())
+  with pytest.raises(ValueError, match="num_devices"):
+    parallel.data_mesh(len(jax.devices()) + 1)
+  parallel.check_batches((4, 8), mesh)   # one device divides every batch
