@@ -94,8 +94,10 @@ def coefficients(raw: jnp.ndarray, length_scale: float = 1.0) -> MFCCoefficients
 
   Ellipticity is by construction: ``alpha = length_scale^2 L L^T`` with a
   lower-triangular ``L`` of positive diagonal, so for any finite ``raw``,
-  ``a_xx > 0``, ``a_yy > 0`` and ``a_xx a_yy - a_xy^2 = length_scale^4
-  exp(2 l_xx + 2 l_yy) > 0``.
+  ``a_xx > 0``, ``a_yy > 0`` and ``a_xx a_yy - a_xy^2 = a_xx * schur =
+  length_scale^4 exp(2 l_xx + 2 l_yy) > 0``. :func:`symbol` evaluates the
+  quadratic form through ``schur`` as a sum of squares, so it is
+  non-negative in floating point too.
   """
   raw = jnp.asarray(raw)
   if raw.shape[-1] != 7:
