@@ -46,6 +46,7 @@ import optax
 from tqdm.auto import tqdm
 
 from mgtrain import workunits
+from mgtrain import parallel
 from mgtrain.hierarchy import Hierarchy, HierarchyError, levels_for_stage
 from mgtrain.mge import mge_value_and_grad
 from mgtrain.transform import multiscale
@@ -263,7 +264,6 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
   """
   stages = list(stages)
   if mesh is not None:
-    from mgtrain import parallel
     for st in stages:
       parallel.check_batches(st.batch_sizes, mesh)
     sample_fn = parallel.shard_batches(sample_fn, mesh)

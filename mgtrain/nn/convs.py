@@ -46,10 +46,7 @@ def _mesh_free(features: int, kernel_size: int | None = None, *, name: str | Non
   return mesh_free_conv(features, kernel_size, name=name, **kwargs)
 
 
-def _mesh_free_pairwise(features: int, kernel_size: int | None = None, *,
-                        name: str | None = None, **kwargs) -> nn.Module:
-  from mgtrain.nn.meshfree import mesh_free_conv
-  return mesh_free_conv(features, kernel_size, name=name, pairwise=True, **kwargs)
+_mesh_free_pairwise = functools.partial(_mesh_free, pairwise=True)
 
 
 def _spectral(features: int, kernel_size: int | None = None, *, name: str | None = None,
