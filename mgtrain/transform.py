@@ -103,13 +103,20 @@ def _sq_norm_per_level(stacked) -> jax.Array:
 
 
 def multiscale(inner: optax.GradientTransformation, num_levels: int,
-               beta: float = 0.99) -> optax.GradientTransformationExtraArgs:
+               beta: float = 0.99, level_terms: bool = True
+               ) -> optax.GradientTransformationExtraArgs:
   """Sums per-level MGE gradient terms and applies ``inner`` to the sum.
 
   Args:
     inner: any optax transformation (e.g. ``optax.adam(5e-4)``).
     num_levels: number of levels ``L`` whose terms each update receives.
     beta: decay of the running per-level statistics, in ``[0, 1)``.
+    level_terms: ``True``: ``update`` takes the ``L`` terms and tracks their
+      statistics. ``False``: it takes the already summed gradient (what
+      :func:`mgtrain.mge.mge_value_and_grad_by_mesh` returns), passes it to
+      ``inner`` and tracks nothing per level: ``term_mean`` is ``None`` and
+      the ``(L,)`` statistics stay NaN. The state has the same structure
+      either way, so code that reads ``inner_state`` works with both.
 
   Returns:
     A ``GradientTransformationExtraArgs``. ``init(params)`` takes a
@@ -124,6 +131,14 @@ def multiscale(inner: optax.GradientTransformation, num_levels: int,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    if not level_terms:
+      # Separate arrays, not one shared: a jitted step that donates its state
+      # may not donate the same buffer twice.
+      nan = [jnp.full((num_levels,), jnp.nan, jnp.float32) for _ in range(4)]
+      return MultiscaleState(
+          count=jnp.zeros([], jnp.int32), term_mean=None, term_sq_norm_ema=nan[0],
+          sq_norm=nan[1], variance=nan[2], last_sq_norm=nan[3],
+          inner_state=inner.init(params))
     zeros = jax.tree.map(
         lambda p: jnp.zeros((num_levels,) + jnp.shape(p), jnp.result_type(p)), params)
     stat = jnp.zeros((num_levels,), jnp.float32)
@@ -133,6 +148,10 @@ def multiscale(inner: optax.GradientTransformation, num_levels: int,
         inner_state=inner.init(params))
 
   def update_fn(level_updates, state, params=None, **extra_args):
+    if not level_terms:
+      updates, inner_state = inner.update(level_updates, state.inner_state, params,
+                                          **extra_args)
+      return updates, state._replace(count=state.count + 1, inner_state=inner_state)
     stacked = stack_levels(level_updates, num_levels)
     combined = jax.tree.map(lambda g: jnp.sum(g, axis=0), stacked)
 

@@ -115,6 +115,25 @@ def test_resume_matches_uninterrupted(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_meshes_train_matches_per_term_train(tmp_path):
+  """``fuse_meshes`` is the same estimate: same losses and params, and it checkpoints."""
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (3, 2))
+  ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn)
+  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
+  _train(stages, h, params, pool, sample_fn, loss_fn, fuse_meshes=True, checkpointer=ckpt,
+         stop_after=4)
+  ckpt.close()
+  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
+  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, fuse_meshes=True,
+                       checkpointer=ckpt)
+  ckpt.close()
+  assert float(state.work_units) == float(ref_state.work_units)
+  np.testing.assert_allclose(hist["loss"], ref_hist["loss"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_resume_at_stage_boundary(tmp_path):
   h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
   stages = fm.full_multiscale_schedule(h, (4, 2))

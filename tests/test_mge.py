@@ -5,7 +5,8 @@ import pytest
 
 from conftest import mse_loss_fn, smooth_images
 from mgtrain.hierarchy import Hierarchy, HierarchyError
-from mgtrain.mge import combine_level_grads, mge_loss, mge_value_and_grad
+from mgtrain.mge import (combine_level_grads, mesh_groups, level_views, mge_loss,
+                         mge_value_and_grad, mge_value_and_grad_by_mesh)
 
 
 def _batch(key, n, size=16):
@@ -139,3 +140,39 @@ def test_chunked_evaluation_gives_the_same_estimate(tiny_model):
   np.testing.assert_allclose(out[2], ref[2], rtol=1e-5, atol=1e-7)
   for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("levels,chunk", [(1, None), (3, None), (3, 512)])
+def test_by_mesh_equals_per_term_estimate(tiny_model, levels, chunk):
+  """One pass per mesh gives Eq. 6's loss, terms and summed gradient."""
+  model, params = tiny_model
+  h = Hierarchy(levels=levels, size=16, base_batch=2, restriction="nearest")
+  batches = [_batch(jax.random.key(10 + i), n) for i, n in enumerate(h.batch_sizes)]
+  loss, level_grads, terms = jax.jit(lambda p, b: mge_value_and_grad(
+      mse_loss_fn(model), p, b, h))(params, batches)
+  out = jax.jit(lambda p, b: mge_value_and_grad_by_mesh(
+      mse_loss_fn(model), p, b, h, max_pixels_per_chunk=chunk))(params, batches)
+  np.testing.assert_allclose(out[0], loss, rtol=1e-5)
+  np.testing.assert_allclose(out[2], terms, rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(combine_level_grads(level_grads))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_groups_concatenate_same_mesh_views():
+  h = Hierarchy(levels=3, size=16, base_batch=2)
+  batches = [{"x": jnp.full((n, 16, 16, 1), float(k))} for k, n in enumerate(h.batch_sizes)]
+  groups = mesh_groups(level_views(batches, h))
+  assert [g[0]["x"].shape for g in groups] == [(2, 16, 16, 1), (6, 8, 8, 1), (12, 4, 4, 1)]
+  # Mesh 1 holds term 0's coarse view (-1/2), then term 1's fine view (+1/4).
+  np.testing.assert_allclose(groups[1][1], [-0.5] * 2 + [0.25] * 4)
+  np.testing.assert_array_equal(groups[1][2], [0] * 2 + [1] * 4)
+  np.testing.assert_array_equal(groups[1][0]["x"][:, 0, 0, 0], [0] * 2 + [1] * 4)
+
+
+def test_by_mesh_needs_per_sample_loss(tiny_model):
+  model, params = tiny_model
+  h = Hierarchy(levels=2, size=16, base_batch=2)
+  batches = [_batch(jax.random.key(i), n) for i, n in enumerate(h.batch_sizes)]
+  with pytest.raises(ValueError, match="per-sample loss"):
+    mge_value_and_grad_by_mesh(lambda p, b: jnp.mean(mse_loss_fn(model)(p, b)), params,
+                               batches, h)

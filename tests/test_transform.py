@@ -34,6 +34,24 @@ def test_one_level_equals_inner_optimizer():
   assert isinstance(s, MultiscaleState) and int(s.count) == 5
 
 
+def test_summed_gradient_mode_equals_inner_optimizer_and_tracks_nothing():
+  """``level_terms=False`` (for the by-mesh MGE) is the inner optimizer, same state shape."""
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  inner = optax.adam(1e-2)
+  tx = multiscale(optax.adam(1e-2), num_levels=3, level_terms=False)
+  s_ref, s = inner.init(params), tx.init(params)
+  p_ref = p = params
+  for i in range(3):
+    g = jax.tree.map(lambda x: x[0], _random_grads(jax.random.key(i), params, 1))
+    u_ref, s_ref = inner.update(g, s_ref, p_ref)
+    u, s = jax.jit(tx.update, donate_argnums=1)(g, s, p)
+    p_ref, p = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p, u)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+    np.testing.assert_array_equal(a, b)
+  assert int(s.count) == 3 and s.term_mean is None
+  assert s.variance.shape == (3,) and np.all(np.isnan(s.variance))
+
+
 def test_sums_levels_list_or_stacked():
   params = {"w": jnp.zeros(4)}
   tx = multiscale(optax.sgd(1.0), num_levels=3)
