@@ -13,21 +13,35 @@ Sections (``--sections``):
   :func:`mgtrain.full_multiscale.make_stage_step` builds) for
 
   - ``single_b{N0}``: single-scale, batch ``N0`` on the fine mesh;
-  - ``mge{L}``: an ``L``-level MGE step, batches ``N_j = 2^j N0``;
+  - ``mge{L}``: an ``L``-level MGE step, batches ``N_j = 2^j N0``, one
+    pass per term (:func:`mgtrain.mge.mge_value_and_grad`);
+  - ``mge{L}_by_mesh``: the same estimate with one pass per mesh
+    (:func:`mgtrain.mge.mge_value_and_grad_by_mesh`; ``--mge`` picks);
   - ``single_b{sum N_j}``: single-scale on the same number of samples.
 
   Models: ``resnet``, ``mfc-resnet``, ``mfc-pairwise-resnet``, ``unet`` and
   ``mfc-unet`` (the UNet in eval mode, dropout off). The ratio
   ``single_b{sum}/mge`` sits next to the #WU ratio
-  (6.49x for 4 levels). Peak device memory is reported where the backend
-  exposes ``memory_stats()`` (GPUs); the CPU backend does not.
+  (6.49x for 4 levels). Memory is each compiled step's own plan from XLA's
+  ``memory_analysis()`` (working and peak bytes), on every backend.
 * ``mfc`` (item 1c): a mesh-free conv (1x1 map + heat filter, per channel)
   vs a 3x3 conv with the same channels, forward and forward+backward.
+* ``torch`` (item 1b): ``../shared/bench/torch_twin.py`` (the ResNet in
+  PyTorch, 4 levels, batches 16/32/64/128) run at the same sizes in a
+  subprocess of the same run, and the JAX / PyTorch step-time ratios. Skipped,
+  with the reason in the output, when torch or the twin is missing.
+* ``time-to-mse`` (item 1d, not in the default sections: it trains):
+  Full-Multiscale vs single-scale on the denoising config (``cpu`` here,
+  ``paper`` for ``--config gpu``): wall time to reach single-scale's final
+  validation MSE; see :func:`bench_time_to_mse`.
+* ``loss-eval`` (item 1e, not in the default sections): the MGE paper's
+  Table 1, loss-evaluation wall time of single-scale vs the telescoping sum
+  over 512 images, finest mesh 256^2..16^2 (``--config gpu``; 64^2..16^2 on
+  ``cpu``); see :func:`bench_loss_eval`.
 
-Not built yet (issue 8): the PyTorch twin in the same run (1b), time to the
-single-scale MSE (1d), the loss-evaluation table of the MGE paper's Table 1
-(1e) and the input-pipeline comparison (1f); asking for them raises
-``NotImplementedError``.
+* ``pipeline`` (item 1f, not in the default sections): steps/s of a real
+  training loop on photographs vs the same step on pre-staged batches; see
+  :func:`bench_pipeline`.
 
 Usage::
 
@@ -40,9 +54,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,12 +76,16 @@ from experiments.denoise import CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, make
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
+from mgtrain.mge import chunk_size, level_views
 from mgtrain.nn.convs import get_conv
 from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
 from mgtrain.transform import multiscale
 
-SECTIONS = ("steps", "mfc")
+SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline")
+DEFAULT_SECTIONS = ("steps", "mfc", "torch")
+# ../shared/bench/torch_twin.py beside the checkout (DEVELOPERS.md).
+DEFAULT_TORCH_TWIN = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_twin.py"
 # The UNet is timed in eval mode: dropout off (the reference trains with 0.5,
 # which adds one mask draw and multiply per block).
 BENCH_MODELS = tuple(MODEL_CONVS) + ("unet", "mfc-unet")
@@ -76,7 +97,6 @@ def _bench_model(name: str):
   if name == "mfc-unet":
     return UNet(conv=get_conv("mfc"))
   return build_model(name)
-PLANNED = {"torch": "1b", "time-to-mse": "1d", "loss-eval": "1e", "pipeline": "1f"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +110,19 @@ class BenchConfig:
   mfc_sizes: tuple[int, ...]
   mfc_channels: tuple[int, ...]
   mfc_batch: int
+  denoise_config: str = "cpu"    # for time-to-mse
+  loss_eval_sizes: tuple[int, ...] = (64, 32, 16)   # finest meshes of loss-eval
+  loss_eval_images: int = 512
 
 
 CONFIGS = {
     # The issue's reference points: 4 levels, batches 16/32/64/128.
     "gpu": BenchConfig("gpu", (64, 128, 256), 4, 16, ("resnet", "unet"), 20,
-                       (64, 128, 256), (32, 128), 16),
+                       (64, 128, 256), (32, 128), 16, "paper", (256, 128, 64, 32, 16)),
     # A 64^2 single b240 step takes about a minute on 2 CPU cores.
     "cpu": BenchConfig("cpu", (64,), 4, 16, ("resnet",), 3, (64, 128, 256), (32, 128), 16),
-    "smoke": BenchConfig("smoke", (16,), 2, 1, ("resnet",), 2, (16,), (8,), 2),
+    "smoke": BenchConfig("smoke", (16,), 2, 1, ("resnet",), 2, (16,), (8,), 2, "smoke",
+                         (32, 16), 24),
 }
 
 
@@ -111,23 +135,37 @@ def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def _peak_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats()
-  if not stats:
-    return None
-  return stats.get("peak_bytes_in_use")
+def _memory(compiled) -> dict:
+  """The compiled step's own memory plan, from XLA's buffer assignment.
+
+  ``temp_bytes`` is the working memory the step allocates beyond its inputs and
+  outputs (activations, gradients, scratch): what grows with the batch.
+  ``peak_bytes`` is XLA's peak for the whole program, inputs (the image pool,
+  the train state) included. Unlike ``memory_stats()['peak_bytes_in_use']``,
+  which is a process-wide high-water mark, both are per program and exist on
+  CPU too.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {"temp_bytes": None, "peak_bytes": None}
+  peak = getattr(stats, "peak_memory_in_bytes", 0) or (
+      stats.argument_size_in_bytes + stats.output_size_in_bytes
+      - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return {"temp_bytes": int(stats.temp_size_in_bytes), "peak_bytes": int(peak)}
 
 
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
-                repeats: int, chunk_pixels: int | None) -> dict:
-  tx = multiscale(optax.adam(1e-4), len(stage.levels))
+                repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False) -> dict:
+  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
-                            max_pixels_per_chunk=chunk_pixels)
+                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
   params = jax.tree.map(jnp.copy, params)   # the step donates its state
   state = fm.init_state(params, seed=0, opt_state=tx.init(params))
   jitted = jax.jit(step, donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, pool).compile()
+  lowered = jitted.lower(state, pool)
+  lower_s = time.perf_counter() - t0
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   holder = {"state": compiled(state, pool)[0]}   # warm-up
 
@@ -139,11 +177,15 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   median, times = _median_seconds(one, repeats)
   return {"levels": list(stage.levels), "batch_sizes": list(stage.batch_sizes),
           "work_units_per_step": float(stage.work_units_per_step),
+          "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
           "compile_seconds": compile_s, "seconds_per_step": median, "samples": times,
-          "peak_bytes": _peak_bytes()}
+          **_memory(compiled)}
 
 
-def bench_steps(config: BenchConfig, chunk_pixels: int | None, progress=print) -> list[dict]:
+def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
+                progress=print, on_row=lambda rows: None) -> list[dict]:
+  """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
+  statistics kept) and/or ``by-mesh`` (one pass per mesh)."""
   rows = []
   for model_name in config.models:
     model = _bench_model(model_name)
@@ -154,24 +196,35 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, progress=print) -
       pool = jax.random.uniform(jax.random.key(1), (512, size, size, 3), minval=-1, maxval=1)
       params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
       total = hierarchy.total_batch
-      stages = {
-          f"single_b{config.base_batch}": fm.Stage((0,), (config.base_batch,), 1),
-          f"mge{config.levels}": fm.multiscale_schedule(hierarchy, 1)[0],
-          f"single_b{total}": fm.Stage((0,), (total,), 1),
-      }
+      mge_stage = fm.multiscale_schedule(hierarchy, 1)[0]
+      stages = {f"single_b{config.base_batch}": (fm.Stage((0,), (config.base_batch,), 1),
+                                                 False)}
+      for mode in mge_modes:
+        stages[_mge_key(config.levels, mode)] = (mge_stage, mode == "by-mesh")
+      stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
-      for key, stage in stages.items():
+      for key, (stage, fuse) in stages.items():
         progress(f"  {model_name} {size}^2 {key} ...")
         row[key] = _time_stage(stage, hierarchy, loss_fn, params, pool, config.repeats,
-                               chunk_pixels)
-      mge = row[f"mge{config.levels}"]
+                               chunk_pixels, fuse)
+        progress(f"    {row[key]['seconds_per_step'] * 1e3:.2f} ms/step, compile "
+                 f"{row[key]['compile_seconds']:.1f} s, temp {row[key]['temp_bytes']} B")
       same = row[f"single_b{total}"]
+      mge_key = min((_mge_key(config.levels, m) for m in mge_modes),
+                    key=lambda k: row[k]["seconds_per_step"])
+      mge = row[mge_key]
+      row["fastest_mge"] = mge_key
       row["speed_ratio"] = same["seconds_per_step"] / mge["seconds_per_step"]
       row["wu_ratio"] = same["work_units_per_step"] / mge["work_units_per_step"]
-      if mge["peak_bytes"] and same["peak_bytes"]:
-        row["memory_ratio"] = mge["peak_bytes"] / same["peak_bytes"]
+      if mge["temp_bytes"] and same["temp_bytes"]:
+        row["memory_ratio"] = mge["temp_bytes"] / same["temp_bytes"]
       rows.append(row)
+      on_row(rows)
   return rows
+
+
+def _mge_key(levels: int, mode: str) -> str:
+  return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "")
 
 
 def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
@@ -201,19 +254,316 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   return rows
 
 
+def bench_torch(sizes, repeats: int, twin: Path, progress=print) -> dict:
+  """Section 1b: the PyTorch twin of the ResNet, timed in a subprocess of this run.
+
+  ``torch_twin.py`` times single b16, a 4-level MGE step (16/32/64/128) and
+  single b240 on pre-staged CPU tensors (no sampling or noise in its step,
+  which mgtrain's step does on the device). Returns ``{"skipped": reason}``
+  when torch or the twin is not there.
+  """
+  if importlib.util.find_spec("torch") is None:
+    return {"skipped": "torch is not installed (pip install torch, the CPU wheel)"}
+  if not twin.is_file():
+    return {"skipped": f"no PyTorch twin at {twin} (--torch-twin PATH)"}
+  rows = []
+  for size in sizes:
+    progress(f"  torch twin {size}^2 ...")
+    proc = subprocess.run([sys.executable, str(twin), "--res", str(size), "--reps",
+                           str(repeats)], capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise RuntimeError(f"{twin} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  return {"twin": str(twin), "rows": rows}
+
+
+def table1_hierarchy(size: int, images: int, coarsest: int = 16, base_batch: int = 16,
+                     restriction: str = "nearest") -> Hierarchy:
+  """The MGE paper's Table 1 set-up for a finest mesh ``size``.
+
+  Meshes ``size, size/2, ..., coarsest``; batch 16 on the finest mesh,
+  doubling toward the coarse ones, and the coarsest level gets all the
+  remaining images. For 512 images at 256^2 that is 16/32/64/128/272, i.e.
+  2 * 240 + 272 = 752 loss evaluations (the paper's count; 624, 560, 528 and
+  512 for 128^2..16^2).
+  """
+  levels = int(math.log2(size // coarsest)) + 1
+  if coarsest * 2 ** (levels - 1) != size:
+    raise ValueError(f"size {size} is not {coarsest} times a power of two")
+  batches = [base_batch * 2 ** j for j in range(levels - 1)]
+  rest = images - sum(batches)
+  if rest < 1:
+    raise ValueError(f"{images} images do not cover the batches {batches} plus a coarsest level")
+  return Hierarchy(levels=levels, size=size, batch_sizes=tuple(batches) + (rest,),
+                   restriction=restriction)
+
+
+def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
+                    progress=print) -> list[dict]:
+  """Section 1e: Table 1 of the MGE paper, loss evaluation only (no gradient).
+
+  For each finest mesh ``n``: the denoising loss of ``images`` images on
+  mesh ``n`` (single-scale) against the telescoping MGE loss with the batches
+  of :func:`table1_hierarchy`, each one jitted function timed as a median.
+  Both evaluate their batches in chunks of at most ``chunk_pixels`` samples
+  x pixels with ``jax.lax.map`` (one compiled loop body per mesh), so the
+  working set stays bounded at 256^2. Images are random (timing only).
+  """
+  model = _bench_model(model_name)
+  loss_fn = make_loss_fn(model)
+  rows = []
+  for size in config.loss_eval_sizes:
+    h = table1_hierarchy(size, config.loss_eval_images)
+    key = jax.random.key(size)
+    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
+
+    def batch_of(k, n):
+      pool = jax.random.uniform(k, (n, size, size, 3), minval=-1, maxval=1)
+      return sample_denoise_batch(pool, jax.random.fold_in(k, 1), n)
+
+    def chunked_mean(p, batch):
+      n, side = batch["u"].shape[0], batch["u"].shape[1]
+      c = chunk_size(n, side * side, chunk_pixels)
+      chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), batch)
+      return jnp.mean(jax.lax.map(lambda b: loss_fn(p, b), chunks))
+
+    def single(p, batch):
+      return chunked_mean(p, batch)
+
+    def multiscale_loss(p, batches):
+      total = 0.0
+      for views in level_views(batches, h):
+        total = total + chunked_mean(p, views[0])
+        if len(views) == 2:
+          total = total - chunked_mean(p, views[1])
+      return total
+
+    single_batch = batch_of(key, config.loss_eval_images)
+    keys = jax.random.split(jax.random.fold_in(key, 2), h.levels)
+    mge_batches = [batch_of(k, n) for k, n in zip(keys, h.batch_sizes)]
+    row = {"size": size, "levels": h.levels, "batch_sizes": list(h.batch_sizes),
+           "images": config.loss_eval_images,
+           "loss_evaluations": {"single": config.loss_eval_images,
+                                "mge": 2 * sum(h.batch_sizes[:-1]) + h.batch_sizes[-1]},
+           "work_units": {"single": config.loss_eval_images,
+                          "mge": float(wu.step_work_units(range(h.levels), h.batch_sizes))}}
+    for name, fn, arg in (("single", single, single_batch), ("mge", multiscale_loss, mge_batches)):
+      progress(f"  loss-eval {size}^2 {name} ...")
+      t0 = time.perf_counter()
+      compiled = jax.jit(fn).lower(params, arg).compile()
+      row[f"{name}_compile_seconds"] = time.perf_counter() - t0
+      row[f"{name}_seconds"] = _median_seconds(lambda: compiled(params, arg),
+                                               config.repeats)[0]
+    row["speed_ratio"] = row["single_seconds"] / row["mge_seconds"]
+    row["wu_ratio"] = row["work_units"]["single"] / row["work_units"]["mge"]
+    rows.append(row)
+  return rows
+
+
+def loss_eval_table(rows: list[dict], model_name: str) -> str:
+  lines = [f"Loss evaluation ({model_name}, no gradient) over {rows[0]['images']} images; "
+           "MGE batches 16, 32, ... on the finer meshes and the rest on 16^2 (MGE paper "
+           "Table 1's set-up).", "",
+           "| finest mesh | loss evaluations single / MGE | single s | MGE s | speed ratio | "
+           "#WU ratio |", "|---" * 6 + "|"]
+  for r in rows:
+    ev = r["loss_evaluations"]
+    lines.append(f"| {r['size']}^2 | {ev['single']} / {ev['mge']} | {r['single_seconds']:.4g} | "
+                 f"{r['mge_seconds']:.4g} | {r['speed_ratio']:.2f}x | {r['wu_ratio']:.2f}x |")
+  return "\n".join(lines)
+
+
+def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps: int,
+                   chunk_pixels: int | None, fuse_meshes: bool, progress=print) -> dict:
+  """Section 1f: is data the bottleneck? Steps/s of the same step with and without its data work.
+
+  The Multiscale step of the denoising config (``experiments.denoise``), on
+  real photographs (the bundled ones, or ``data_dir``):
+
+  * ``train_loop``: :func:`mgtrain.full_multiscale.train` as the CLI runs it
+    (patch pool on the device, patches drawn, flipped and noised inside the
+    jitted step, Python loop with #WU bookkeeping), ``steps`` steps;
+  * ``pre_staged``: the same step with the sampling replaced by fixed,
+    already degraded batches (no data work at all), called back to back.
+
+  ``pre_staged / train_loop`` close to 1 means the input pipeline costs
+  nothing measurable.
+  """
+  from experiments import denoise  # pylint: disable=g-import-not-at-top
+  from experiments.configs import get_config  # pylint: disable=g-import-not-at-top
+
+  config = get_config(denoise_config)
+  data = denoise.load_data(config, "folder" if data_dir else "bundled", data_dir,
+                           download=False)
+  net = denoise.build_model(model)
+  loss_fn = make_loss_fn(net)
+  h = Hierarchy(levels=config.levels, size=config.size, base_batch=config.base_batch,
+                batch_growth=config.batch_growth, restriction="nearest")
+  stage = fm.multiscale_schedule(h, steps)[0]
+  params = net.init(jax.random.key(0), jnp.zeros((1, config.size, config.size, 3)),
+                    jnp.zeros((1,)))
+  out = {"denoise_config": denoise_config, "model": model, "data": data.description,
+         "steps": steps, "batch_sizes": list(stage.batch_sizes)}
+
+  progress("  pipeline: train loop ...")
+  _, history = fm.train(params=params, stages=[stage], hierarchy=h, loss_fn=loss_fn,
+                        sample_fn=sample_denoise_batch, data=data.pool,
+                        make_optimizer=lambda n: optax.adam(1e-4), progress=False,
+                        max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
+  out["train_loop_steps_per_second"] = steps / sum(history["train_seconds"])
+
+  # Fixed, already degraded batches: the step minus all data work.
+  staged = {str(n): sample_denoise_batch(data.pool, jax.random.key(n), n)
+            for n in stage.batch_sizes}
+  progress("  pipeline: pre-staged batches ...")
+  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
+  step = jax.jit(fm.make_stage_step(stage, h, loss_fn, lambda d, key, n: d[str(n)], tx,
+                                    chunk_pixels, fuse_meshes), donate_argnums=0)
+  p = jax.tree.map(jnp.copy, params)
+  state = fm.init_state(p, seed=0, opt_state=tx.init(p))
+  compiled = step.lower(state, staged).compile()
+  state = jax.block_until_ready(compiled(state, staged)[0])
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, staged)
+  jax.block_until_ready(metrics["loss"])
+  out["pre_staged_steps_per_second"] = steps / (time.perf_counter() - t0)
+  out["pre_staged_over_train_loop"] = (out["pre_staged_steps_per_second"]
+                                       / out["train_loop_steps_per_second"])
+  return out
+
+
+def pipeline_table(p: dict) -> str:
+  return "\n".join([
+      f"Input pipeline: {p['model']} Multiscale step of the {p['denoise_config']} denoising "
+      f"config (batches {p['batch_sizes']}), {p['steps']} steps, {p['data']}.", "",
+      "| train loop (real photos, on-device sampling + noise) steps/s | "
+      "pre-staged batches steps/s | pre-staged / train loop |",
+      "|---|---|---|",
+      f"| {p['train_loop_steps_per_second']:.3g} | {p['pre_staged_steps_per_second']:.3g} | "
+      f"{p['pre_staged_over_train_loop']:.2f} |"])
+
+
+def _first_reach(evals: list[dict], target: float) -> dict | None:
+  """The first evaluation with validation MSE <= target (None if none)."""
+  for e in evals:
+    if e["mse"] <= target:
+      return e
+  return None
+
+
+def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
+                      scales: tuple[int, ...], eval_every: int, workdir: Path,
+                      chunk_pixels: int | None, progress=print) -> dict:
+  """Section 1d: wall time for Full-Multiscale to reach single-scale's final MSE.
+
+  Trains single-scale on the denoising config (``experiments.denoise``) and
+  takes its final validation MSE as the target. Then trains Full-Multiscale
+  with its iterations scaled by each factor in ``scales`` (1 is the config's
+  own schedule) until one reaches the target. Both runs evaluate every
+  ``eval_every`` steps and at stage ends; "time to target" is the train +
+  compile seconds spent up to the first evaluation at or below the target
+  (evaluation time excluded). Runs start fresh: ``workdir`` is cleared.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  from experiments import denoise  # pylint: disable=g-import-not-at-top
+  from experiments.configs import get_config  # pylint: disable=g-import-not-at-top
+
+  config = dataclasses.replace(get_config(denoise_config), eval_every=eval_every)
+  dataset = "folder" if data_dir else "bundled"
+  data = denoise.load_data(config, dataset, data_dir, download=False)
+  if workdir.exists():
+    shutil.rmtree(workdir)
+
+  def run(strategy, cfg, name):
+    progress(f"  time-to-mse: {name} ...")
+    r = denoise.run_strategy(cfg, strategy, workdir / name, data=data, model_name=model,
+                             progress=False, chunk_pixels=chunk_pixels)
+    return {"iterations": [s["iterations"] for s in r["stages"]],
+            "work_units": r["work_units"], "final_mse": r["metrics"]["mse"],
+            "train_seconds": r["train_seconds"], "compile_seconds": r["compile_seconds"],
+            "evals": [{k: e[k] for k in ("step", "work_units", "mse", "train_seconds",
+                                         "compile_seconds")} for e in r["evals"]]}
+
+  single = run("single", config, "single")
+  target = single["final_mse"]
+  hit = _first_reach(single["evals"], target)
+  single["time_to_target"] = hit["train_seconds"] + hit["compile_seconds"]
+  single["work_units_to_target"] = hit["work_units"]
+  out = {"denoise_config": denoise_config, "model": model, "data": data.description,
+         "target_mse": target, "single": single, "full_multiscale": []}
+  for k in scales:
+    cfg = dataclasses.replace(config, fms_coarsest_iterations=k * config.fms_coarsest_iterations)
+    fms = run("full-multiscale", cfg, f"full-multiscale-x{k}")
+    fms["scale"] = k
+    hit = _first_reach(fms["evals"], target)
+    fms["reached"] = hit is not None
+    if hit is not None:
+      fms["time_to_target"] = hit["train_seconds"] + hit["compile_seconds"]
+      fms["work_units_to_target"] = hit["work_units"]
+      fms["speedup"] = single["time_to_target"] / fms["time_to_target"]
+    out["full_multiscale"].append(fms)
+    if hit is not None:
+      break
+  return out
+
+
+def time_to_mse_table(ttm: dict) -> str:
+  s = ttm["single"]
+  lines = [f"Target: single-scale's final validation MSE {ttm['target_mse']:.4f} "
+           f"({ttm['model']}, config {ttm['denoise_config']}, {ttm['data']}).", "",
+           "| run | iterations | final MSE | reached target | time to target s (train + compile) "
+           "| #WU to target | speed-up vs single |", "|---" * 7 + "|",
+           f"| single | {s['iterations']} | {s['final_mse']:.4f} | yes | "
+           f"{s['time_to_target']:.1f} | {s['work_units_to_target']:,.0f} | 1.00x |"]
+  for f in ttm["full_multiscale"]:
+    if f["reached"]:
+      lines.append(f"| Full-Multiscale x{f['scale']} | {f['iterations']} | {f['final_mse']:.4f} | "
+                   f"yes | {f['time_to_target']:.1f} | {f['work_units_to_target']:,.0f} | "
+                   f"{f['speedup']:.2f}x |")
+    else:
+      total = f["train_seconds"] + f["compile_seconds"]
+      lines.append(f"| Full-Multiscale x{f['scale']} | {f['iterations']} | {f['final_mse']:.4f} | "
+                   f"no ({total:.1f} s spent) | - | - | - |")
+  return "\n".join(lines)
+
+
+def torch_table(torch_out: dict, step_rows: list[dict]) -> str:
+  if "skipped" in torch_out:
+    return f"PyTorch twin: skipped ({torch_out['skipped']})."
+  jax_rows = {r["size"]: r for r in step_rows if r["model"] == "resnet" and r["levels"] == 4
+              and "single_b16" in r}
+  lines = ["| res | torch single b16 s | torch MGE s | torch single b240 s | torch b240 / MGE | "
+           "JAX / torch, single b16 | JAX / torch, MGE | JAX / torch, single b240 |",
+           "|---" * 8 + "|"]
+  for t in torch_out["rows"]:
+    cells = [f"{t['single_b16']:.3g}", f"{t['mge4']:.3g}", f"{t['single_b240']:.3g}",
+             f"{t['single_b240'] / t['mge4']:.2f}x"]
+    j = jax_rows.get(t["res"])
+    if j is None:
+      cells += ["n/a (no JAX ResNet row at this size)"] * 3
+    else:
+      mge = j[j["fastest_mge"]]["seconds_per_step"]
+      cells += [f"{j['single_b16']['seconds_per_step'] / t['single_b16']:.2f}",
+                f"{mge / t['mge4']:.2f}",
+                f"{j['single_b240']['seconds_per_step'] / t['single_b240']:.2f}"]
+    lines.append(f"| {t['res']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def steps_table(rows: list[dict]) -> str:
   if not rows:
     return ""
   levels = rows[0]["levels"]
   keys = [k for k in rows[0] if k.startswith(("single_b", "mge"))]
   head = " | ".join(f"{k} s/step (compile s)" for k in keys)
-  lines = [f"| model | res | {head} | speed ratio single-same / mge | #WU ratio | "
-           "peak memory mge / single-same |",
+  lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | #WU ratio | "
+           "working memory mge / single-same |",
            "|---" * (len(keys) + 5) + "|"]
   for r in rows:
     cells = " | ".join(f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
                        for k in keys)
-    mem = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "n/a (backend)"
+    mem = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "n/a (backend)"
     lines.append(f"| {r['model']} | {r['size']} | {cells} | {r['speed_ratio']:.2f}x | "
                  f"{r['wu_ratio']:.2f}x | {mem} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
@@ -238,8 +588,8 @@ def parse_args(argv=None):
                  help="default: 'gpu' on a GPU backend, else 'cpu'")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None,
                  help="JAX platform to run on (default: what JAX finds)")
-  p.add_argument("--sections", nargs="+", default=list(SECTIONS),
-                 help=f"any of {SECTIONS}")
+  p.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS),
+                 help=f"any of {SECTIONS} (default: {DEFAULT_SECTIONS})")
   p.add_argument("--models", nargs="+", choices=BENCH_MODELS, default=None)
   p.add_argument("--sizes", nargs="+", type=int, default=None)
   p.add_argument("--levels", type=int, default=None)
@@ -248,6 +598,27 @@ def parse_args(argv=None):
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="per-level chunking as in experiments.denoise (default: "
                       f"{CPU_CHUNK_PIXELS} on CPU, off on GPU; 0 = off)")
+  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
+                 help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
+                      "one pass per term, per-level statistics) and/or 'by-mesh' "
+                      "(mge_value_and_grad_by_mesh, one pass per mesh)")
+  p.add_argument("--torch-twin", type=Path, default=DEFAULT_TORCH_TWIN,
+                 help="the PyTorch twin script for section 'torch' (default: %(default)s)")
+  p.add_argument("--ttm-model", default="resnet", choices=tuple(MODEL_CONVS),
+                 help="time-to-mse: denoising model")
+  p.add_argument("--ttm-data-dir", default=None,
+                 help="time-to-mse: image folder (default: the bundled photographs)")
+  p.add_argument("--ttm-scales", nargs="+", type=int, default=[1, 2, 4],
+                 help="time-to-mse: Full-Multiscale iteration multipliers to try, in order")
+  p.add_argument("--ttm-eval-every", type=int, default=20)
+  p.add_argument("--loss-eval-model", default="unet", choices=BENCH_MODELS,
+                 help="loss-eval: model (the paper's Table 1 uses the UNet)")
+  p.add_argument("--loss-eval-sizes", nargs="+", type=int, default=None,
+                 help="loss-eval: finest meshes (default: the config's)")
+  p.add_argument("--loss-eval-chunk-pixels", type=int, default=16 * 64 * 64,
+                 help="loss-eval: samples x pixels per evaluated chunk")
+  p.add_argument("--pipeline-steps", type=int, default=None,
+                 help="pipeline: steps per measurement (default 200 on GPU, 20 on CPU)")
   p.add_argument("--workdir", default="runs/benchmark")
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache dir (default off, so compile "
@@ -261,9 +632,6 @@ def main(argv=None) -> dict:
     jax.config.update("jax_platforms", args.device if args.device == "cpu" else "cuda")
   runtime.enable_compilation_cache(args.compile_cache)
   for section in args.sections:
-    if section in PLANNED:
-      raise NotImplementedError(
-          f"benchmark section {section!r} (issue 8, item {PLANNED[section]}) is not built yet")
     if section not in SECTIONS:
       raise SystemExit(f"unknown section {section!r}; choose from {SECTIONS}")
   backend = jax.default_backend()
@@ -271,7 +639,9 @@ def main(argv=None) -> dict:
   overrides = {k: v for k, v in dict(
       models=tuple(args.models) if args.models else None,
       sizes=tuple(args.sizes) if args.sizes else None, levels=args.levels,
-      base_batch=args.base_batch, repeats=args.repeats).items() if v is not None}
+      base_batch=args.base_batch, repeats=args.repeats,
+      loss_eval_sizes=tuple(args.loss_eval_sizes) if args.loss_eval_sizes else None,
+  ).items() if v is not None}
   config = dataclasses.replace(config, **overrides)
   chunk = args.chunk_pixels
   if chunk is None:
@@ -288,15 +658,39 @@ def main(argv=None) -> dict:
                                                                   config.levels))}
   md = [f"Benchmark on {out['device']} (backend {backend}, jax {jax.__version__}); "
         f"config {config.name}; medians of {config.repeats} timed calls after warm-up."]
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  def save(rows):  # after every row, so an interrupted run keeps what it measured
+    out["steps"] = rows
+    (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
+
   if "steps" in args.sections:
-    out["steps"] = bench_steps(config, chunk, progress)
+    out["steps"] = bench_steps(config, chunk, tuple(args.mge), progress, on_row=save)
     md += ["", steps_table(out["steps"])]
+  if "torch" in args.sections:
+    out["torch"] = bench_torch(config.sizes, config.repeats, args.torch_twin, progress)
+    md += ["", "PyTorch twin of the ResNet (same process run, 4 levels, batches 16..128)", "",
+           torch_table(out["torch"], out.get("steps", []))]
+  if "time-to-mse" in args.sections:
+    out["time_to_mse"] = bench_time_to_mse(
+        config.denoise_config, args.ttm_model, args.ttm_data_dir, tuple(args.ttm_scales),
+        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress)
+    md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
+           "validation MSE", "", time_to_mse_table(out["time_to_mse"])]
+  if "loss-eval" in args.sections:
+    out["loss_eval"] = bench_loss_eval(config, args.loss_eval_model,
+                                       args.loss_eval_chunk_pixels, progress)
+    md += ["", loss_eval_table(out["loss_eval"], args.loss_eval_model)]
+  if "pipeline" in args.sections:
+    steps = args.pipeline_steps or (200 if backend == "gpu" else 20)
+    out["pipeline"] = bench_pipeline(config.denoise_config, args.ttm_model, args.ttm_data_dir,
+                                     steps, chunk, backend == "gpu", progress)
+    md += ["", pipeline_table(out["pipeline"])]
   if "mfc" in args.sections:
     out["mfc"] = bench_mfc(config, progress)
     md += ["", f"Mesh-free conv vs 3x3 conv, batch {config.mfc_batch}", "",
            mfc_table(out["mfc"])]
-  workdir = Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
   text = "\n".join(md) + "\n"
   (workdir / "benchmark.md").write_text(text)

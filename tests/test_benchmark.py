@@ -1,4 +1,4 @@
-"""The benchmark CLI writes its JSON and table; unbuilt sections say so."""
+"""The benchmark CLI writes its JSON and tables, and its set-ups match the papers."""
 
 import json
 
@@ -8,20 +8,93 @@ from experiments import benchmark
 
 
 def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
-  out = benchmark.main(["--config", "smoke", "--repeats", "1", "--workdir", str(tmp_path)])
+  out = benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "steps", "mfc",
+                        "--mge", "by-mesh", "--workdir", str(tmp_path)])
   saved = json.loads((tmp_path / "benchmark.json").read_text())
   (row,) = saved["steps"]
-  assert set(row) >= {"single_b1", "mge2", "single_b3", "speed_ratio", "wu_ratio"}
+  assert set(row) >= {"single_b1", "mge2_by_mesh", "single_b3", "speed_ratio",
+                      "wu_ratio", "memory_ratio"}
   # One 2-level step, batches 1/2: the correction 1 * (1 + 1/4) plus the coarse 2 * 1/4.
-  assert row["mge2"]["work_units_per_step"] == pytest.approx(1.75)
+  assert row["mge2_by_mesh"]["work_units_per_step"] == pytest.approx(1.75)
   assert row["wu_ratio"] == pytest.approx(3 / 1.75)
-  assert all(row[k]["seconds_per_step"] > 0 for k in ("single_b1", "mge2", "single_b3"))
+  assert row["fastest_mge"] == "mge2_by_mesh"
+  keys = ("single_b1", "mge2_by_mesh", "single_b3")
+  assert all(row[k]["seconds_per_step"] > 0 and row[k]["temp_bytes"] > 0 for k in keys)
   (mfc,) = saved["mfc"]
   assert mfc["mfc_forward_backward"] > 0 and mfc["conv3x3_forward_backward"] > 0
   assert "| resnet | 16 |" in (tmp_path / "benchmark.md").read_text()
   assert out["backend"] == "cpu"
 
 
-def test_sections_not_built_yet_raise_not_implemented(tmp_path):
-  with pytest.raises(NotImplementedError, match="issue 8"):
-    benchmark.main(["--config", "smoke", "--sections", "torch", "--workdir", str(tmp_path)])
+def test_loss_eval_and_pipeline_smoke(tmp_path):
+  out = benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "loss-eval",
+                        "pipeline", "--loss-eval-model", "resnet", "--loss-eval-sizes", "32",
+                        "--pipeline-steps", "2", "--workdir", str(tmp_path)])
+  (row,) = out["loss_eval"]
+  # 24 images at 32^2: batch 16 on 32^2 (evaluated on two meshes) and 8 on 16^2.
+  assert row["batch_sizes"] == [16, 8] and row["loss_evaluations"]["mge"] == 40
+  assert row["mge_seconds"] > 0 and row["single_seconds"] > 0
+  p = out["pipeline"]
+  assert min(p["train_loop_steps_per_second"], p["pre_staged_steps_per_second"]) > 0
+  text = (tmp_path / "benchmark.md").read_text()
+  assert "Loss evaluation" in text and "pre-staged" in text
+
+
+def test_time_to_mse_first_reach_and_table():
+  evals = [{"step": 2, "work_units": 4.0, "mse": 0.3, "train_seconds": 1.0,
+            "compile_seconds": 2.0},
+           {"step": 4, "work_units": 8.0, "mse": 0.1, "train_seconds": 2.0,
+            "compile_seconds": 2.0},
+           {"step": 6, "work_units": 12.0, "mse": 0.05, "train_seconds": 3.0,
+            "compile_seconds": 2.0}]
+  assert benchmark._first_reach(evals, 0.1)["step"] == 4
+  assert benchmark._first_reach(evals, 0.01) is None
+  ttm = {"target_mse": 0.1, "model": "resnet", "denoise_config": "cpu", "data": "d",
+         "single": {"iterations": [8], "final_mse": 0.1, "time_to_target": 40.0,
+                    "work_units_to_target": 100.0},
+         "full_multiscale": [
+             {"scale": 1, "iterations": [4, 2], "final_mse": 0.2, "reached": False,
+              "train_seconds": 3.0, "compile_seconds": 1.0},
+             {"scale": 2, "iterations": [8, 4], "final_mse": 0.09, "reached": True,
+              "time_to_target": 4.0, "work_units_to_target": 30.0, "speedup": 10.0}]}
+  table = benchmark.time_to_mse_table(ttm)
+  assert "| Full-Multiscale x1 | [4, 2] | 0.2000 | no (4.0 s spent) |" in table
+  assert "| Full-Multiscale x2 | [8, 4] | 0.0900 | yes | 4.0 | 30 | 10.00x |" in table
+
+
+@pytest.mark.parametrize("size,evaluations", [(256, 752), (128, 624), (64, 560), (32, 528),
+                                              (16, 512)])
+def test_table1_hierarchy_reproduces_the_papers_loss_evaluation_counts(size, evaluations):
+  """MGE paper Table 1, 'Number of loss evaluations', MGE row, 512 images."""
+  h = benchmark.table1_hierarchy(size, 512)
+  assert h.batch_sizes[0] == 16 or h.levels == 1
+  assert sum(h.batch_sizes) == 512
+  assert 2 * sum(h.batch_sizes[:-1]) + h.batch_sizes[-1] == evaluations
+
+
+def test_table1_hierarchy_errors():
+  with pytest.raises(ValueError, match="power of two"):
+    benchmark.table1_hierarchy(48, 512)
+  with pytest.raises(ValueError, match="do not cover"):
+    benchmark.table1_hierarchy(256, 200)
+
+
+def test_torch_section_skips_with_a_reason(tmp_path):
+  out = benchmark.bench_torch((16,), 1, tmp_path / "missing_twin.py")
+  assert "skipped" in out
+  assert "skipped" in benchmark.torch_table(out, [])
+
+
+def test_torch_table_ratios():
+  torch_out = {"rows": [{"res": 64, "single_b16": 2.0, "mge4": 4.0, "single_b240": 40.0}]}
+  jax_row = {"model": "resnet", "size": 64, "levels": 4, "fastest_mge": "mge4_by_mesh",
+             "single_b16": {"seconds_per_step": 1.0},
+             "mge4_by_mesh": {"seconds_per_step": 2.0},
+             "single_b240": {"seconds_per_step": 30.0}}
+  table = benchmark.torch_table(torch_out, [jax_row])
+  assert "| 64 | 2 | 4 | 40 | 10.00x | 0.50 | 0.50 | 0.75 |" in table
+
+
+def test_unknown_section_is_an_error(tmp_path):
+  with pytest.raises(SystemExit, match="unknown section"):
+    benchmark.main(["--config", "smoke", "--sections", "bogus", "--workdir", str(tmp_path)])
