@@ -40,6 +40,7 @@ import optax
 from experiments.configs import CONFIGS, DenoiseConfig, get_config
 from mgtrain import full_multiscale as fm
 from mgtrain import metrics
+from mgtrain import parallel
 from mgtrain.checkpoint import Checkpointer
 from mgtrain.data import patches, sources, tasks
 from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy
@@ -146,7 +147,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  model_name: str = "resnet", levels: int | None = None,
                  subsample: str = "coarsen", restriction: str = "nearest",
                  progress: bool = True, stop_after: int | None = None,
-                 chunk_pixels: int | None = None) -> dict:
+                 chunk_pixels: int | None = None, fuse_meshes: bool = False,
+                 mesh=None) -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results."""
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
@@ -173,7 +175,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       make_optimizer=make_optimizer_factory(config, stages[0].iterations), seed=config.seed,
       eval_fn=eval_fn, eval_every=config.eval_every, checkpointer=ckpt,
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
-      max_pixels_per_chunk=chunk_pixels)
+      max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh)
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])
@@ -215,10 +217,13 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       "metrics": {"mse": final["mse"], "psnr": final["psnr"]},
       # The optax transform's running per-level statistics of the last stage
       # (finest level first): E||g_k||^2 and the variance of each MGE term.
+      # (None with --mge by-mesh, which does not track them.)
       "level_statistics": {
           "levels": list(stages[-1].levels),
-          "sq_norm": np.asarray(state.opt_state.sq_norm).tolist(),
-          "variance": np.asarray(state.opt_state.variance).tolist()},
+          "sq_norm": None if fuse_meshes else np.asarray(state.opt_state.sq_norm).tolist(),
+          "variance": None if fuse_meshes else np.asarray(state.opt_state.variance).tolist()},
+      "mge": "by-mesh" if fuse_meshes else "terms",
+      "devices": 1 if mesh is None else int(mesh.size),
       "per_image_mse": np.asarray(final["per_image_mse"]).tolist(),
       "evals": history["evals"],
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
@@ -227,8 +232,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                       "python": platform.python_version()},
       "status": "complete",
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
-  plot_history(history, workdir / "loss_vs_wu.png", title=f"{strategy} ({config.name})")
+  if jax.process_index() == 0:  # multi-host: one writer (checkpoints are collective)
+    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    plot_history(history, workdir / "loss_vs_wu.png", title=f"{strategy} ({config.name})")
   return results
 
 
@@ -370,6 +376,22 @@ def parse_args(argv=None):
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default: "
                       f"{CPU_CHUNK_PIXELS} on CPU (faster there), off on GPU; 0 = off")
+  p.add_argument("--mge", choices=("auto", "terms", "by-mesh"), default="auto",
+                 help="how a Multiscale step evaluates MGE: 'terms' (one pass per "
+                      "term; keeps the per-level variance statistics) or 'by-mesh' "
+                      "(one pass per mesh, same estimate; 1.1-1.75x faster on an H100). "
+                      "auto: by-mesh on a GPU, terms on CPU")
+  p.add_argument("--devices", type=int, default=1,
+                 help="data parallelism over this many devices (0 = all); every "
+                      "level's batch must divide evenly")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: call jax.distributed.initialize() first and use "
+                      "every host's devices (see --coordinator)")
+  p.add_argument("--coordinator", default=None,
+                 help="with --distributed: coordinator host:port (default: detect "
+                      "from SLURM / MPI / Kubernetes)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -377,6 +399,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.distributed:
+    info = parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                           args.process_id)
+    print(f"distributed: process {info['process_index']} of {info['process_count']}, "
+          f"{info['global_devices']} devices in all", file=sys.stderr)
   runtime.enable_compilation_cache(args.compile_cache)
   config = get_config(args.config)
   overrides = {}
@@ -408,6 +435,10 @@ def main(argv=None) -> dict:
   if chunk_pixels is None:
     chunk_pixels = CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else None
   chunk_pixels = chunk_pixels or None
+  fuse = args.mge == "by-mesh" or (args.mge == "auto" and jax.default_backend() == "gpu")
+  mesh = None
+  if args.distributed or args.devices != 1:
+    mesh = parallel.data_mesh(None if args.distributed or args.devices == 0 else args.devices)
   strategies = list(fm.STRATEGIES) if args.strategy == "all" else [args.strategy]
   results = {}
   for strategy in strategies:
@@ -425,12 +456,15 @@ def main(argv=None) -> dict:
     r = run_strategy(config, strategy, out, data=data, model_name=args.model,
                      levels=levels, subsample=args.subsample,
                      restriction=args.restriction, progress=not args.no_progress,
-                     stop_after=args.stop_after, chunk_pixels=chunk_pixels)
+                     stop_after=args.stop_after, chunk_pixels=chunk_pixels,
+                     fuse_meshes=fuse, mesh=mesh)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results
     results[strategy] = r
-  if len(results) > 1:
+  if jax.process_index() != 0:
+    pass  # multi-host: process 0 writes the summary
+  elif len(results) > 1:
     print(summarize(results, workdir))
   else:
     r = next(iter(results.values()))

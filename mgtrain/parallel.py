@@ -25,8 +25,9 @@ Use::
   state, data = replicate((state, data), mesh)
   state, metrics = step(state, data)
 
-Multi-host: call ``jax.distributed.initialize()`` first; ``jax.devices()``
-then lists every host's devices and the same code runs on each host.
+Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize``)
+first; ``jax.devices()`` then lists every host's devices and the same code
+runs on each host.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from mgtrain.hierarchy import HierarchyError
@@ -87,5 +89,38 @@ def shard_batches(sample_fn: Callable, mesh: jax.sharding.Mesh,
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places every leaf of ``tree`` on all devices of ``mesh`` (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  """Places every leaf of ``tree`` on all devices of ``mesh`` (replicated).
+
+  With several processes (multi-host), each process must pass the same
+  values (the CLIs derive everything from the seed); every process then
+  fills its own devices from its local copy.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> dict:
+  """Joins a multi-host run: ``jax.distributed.initialize`` with the given settings.
+
+  Call it once per process, before anything touches a device. Without
+  arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU);
+  otherwise pass the coordinator's ``host:port``, the process count and this
+  process's index (0 on the coordinator). Afterwards ``jax.devices()`` lists
+  every host's devices, so :func:`data_mesh` spans them all.
+
+  Returns:
+    ``{"process_index", "process_count", "local_devices", "global_devices"}``.
+  """
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+          "local_devices": jax.local_device_count(), "global_devices": jax.device_count()}
