@@ -100,15 +100,23 @@ def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
         f"level {levels[0]} is required")
   keys = (list(jax.random.split(key, len(levels))) if key is not None
           else [None] * len(levels))
-  views = []
-  for i, (level, batch, k) in enumerate(zip(levels, batches, keys)):
-    fine = hierarchy.restrict(batch, level - input_level, k, start_level=input_level)
-    if i == len(levels) - 1:
-      views.append((fine,))
-    else:
-      k2 = None if k is None else jax.random.fold_in(k, 1)
-      views.append((fine, hierarchy.restrict(fine, 1, k2, start_level=level)))
-  return views
+  return [term_views(batch, hierarchy, level, i == len(levels) - 1, k, input_level)
+          for i, (level, batch, k) in enumerate(zip(levels, batches, keys))]
+
+
+def term_views(batch, hierarchy: Hierarchy, level: int, last: bool,
+               key: jax.Array | None = None, input_level: int = 0) -> tuple[Any, ...]:
+  """One term's views: ``(fine, coarse)`` on meshes ``level, level+1``, or ``(fine,)``.
+
+  ``batch`` arrives on mesh ``input_level``; ``last`` marks the plain coarsest
+  term. ``key`` (only for cropping hierarchies) is that term's own key, as
+  :func:`level_views` splits it.
+  """
+  fine = hierarchy.restrict(batch, level - input_level, key, start_level=input_level)
+  if last:
+    return (fine,)
+  k2 = None if key is None else jax.random.fold_in(key, 1)
+  return (fine, hierarchy.restrict(fine, 1, k2, start_level=level))
 
 
 def term_loss(loss_fn: LossFn, params, views: tuple[Any, ...]) -> jax.Array:
@@ -142,7 +150,7 @@ def chunk_size(batch: int, pixels: int, max_pixels: int | None) -> int:
   return best
 
 
-def _value_and_grad_chunked(loss_fn: LossFn, params, views, max_pixels: int | None):
+def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None = None):
   """``value_and_grad`` of :func:`term_loss`, accumulated over equal sub-batches.
 
   A term is a mean over its samples, so the mean of equal-sized chunk means
@@ -198,7 +206,7 @@ def mge_value_and_grad(loss_fn: LossFn, params, batches: Sequence[Any],
   views = level_views(batches, hierarchy, levels, key, input_level)
   values, grads = [], []
   for v in views:
-    value, grad = _value_and_grad_chunked(loss_fn, params, v, max_pixels_per_chunk)
+    value, grad = term_value_and_grad(loss_fn, params, v, max_pixels_per_chunk)
     values.append(value)
     grads.append(grad)
   terms = jnp.stack(values)
@@ -318,5 +326,6 @@ def combine_level_grads(level_grads):
   return jax.tree.map(lambda g: jnp.sum(g, axis=0), level_grads)
 
 
-__all__ = ["level_views", "term_loss", "mge_value_and_grad", "mge_loss",
-           "combine_level_grads", "chunk_size", "mesh_groups", "mge_value_and_grad_by_mesh"]
+__all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
+           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size",
+           "mesh_groups", "mge_value_and_grad_by_mesh"]

@@ -43,6 +43,16 @@ def test_train_with_a_mesh_matches_one_device(eight_device_result):
   assert r["train_work_units"][0] == r["train_work_units"][1]
 
 
+def test_level_parallel_step_matches_one_device(eight_device_result):
+  """Terms on device groups 4/2/2 give the one-device MGE update."""
+  out = eight_device_result["level_parallel"]
+  assert out["group_sizes"] == [4, 2, 2] and out["disjoint"]
+  assert out["max_abs_diff"] <= 1e-5 * max(1.0, out["param_scale"])
+  assert out["loss_level_parallel"] == pytest.approx(out["loss_1dev"], rel=1e-5, abs=1e-7)
+  assert out["work_units"][0] == out["work_units"][1]
+  assert out["variance_finite"]      # per-level statistics are kept
+
+
 def test_uneven_batches_are_rejected(eight_device_result):
   assert "divisible by the 8 devices" in eight_device_result["check_error"]
 
@@ -53,3 +63,19 @@ def test_single_device_mesh_and_errors():
   with pytest.raises(ValueError, match="num_devices"):
     parallel.data_mesh(len(jax.devices()) + 1)
   parallel.check_batches((4, 8), mesh)   # one device divides every batch
+
+
+def test_level_groups_follow_term_costs_and_errors():
+  from mgtrain import full_multiscale as fm
+  from mgtrain import level_parallel
+  from mgtrain.hierarchy import Hierarchy, HierarchyError
+  stage = fm.multiscale_schedule(Hierarchy(levels=4, size=64, base_batch=16), 1)[0]
+  # Terms of 20/10/5/2 #WU: the finest doubles first, a group doubles only
+  # while its batch still splits, and 4 devices give one per term.
+  assert level_parallel.group_sizes(stage, 4) == [1, 1, 1, 1]
+  assert level_parallel.group_sizes(stage, 8) == [4, 2, 1, 1]
+  assert level_parallel.group_sizes(stage, 16) == [8, 4, 2, 2]
+  with pytest.raises(HierarchyError, match="one device per level"):
+    level_parallel.group_sizes(stage, 3)
+  with pytest.raises(HierarchyError, match="one device group per level"):
+    level_parallel.LevelParallelStep(stage, None, None, None, None, [jax.devices()])
