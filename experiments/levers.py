@@ -1,0 +1,120 @@
+"""A/B of step-time levers in one process: MGE evaluation mode x XLA compile options.
+
+Each variant compiles the same denoising train step that
+``experiments.benchmark`` times (4 levels, batches 16/32/64/128 by default)
+with ``Lowered.compile(compiler_options=...)``, so XLA debug options are
+switched per program inside one process, then reports the median step time,
+lowering and compile seconds and XLA's working memory. Results go to
+``WORKDIR/levers.json`` after every variant.
+
+The H100 figures in ``docs/benchmark_h100.md`` ("Levers measured") came from::
+
+  python -m experiments.levers --model resnet --sizes 64 128 256 --mge terms by-mesh
+  python -m experiments.levers --model resnet --sizes 64 --mge terms \\
+      --options '{"xla_gpu_autotune_level": 0}' '{"xla_gpu_enable_command_buffer": ""}'
+  python -m experiments.levers --model unet --sizes 64 --mge by-mesh \\
+      --options '{}' '{"xla_gpu_autotune_level": 0}'
+
+Usage::
+
+  python -m experiments.levers --config smoke        # seconds, on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments.benchmark import BENCH_MODELS, _bench_model, _memory
+from experiments.denoise import make_loss_fn, sample_denoise_batch
+from mgtrain import full_multiscale as fm
+from mgtrain.hierarchy import Hierarchy
+from mgtrain.transform import multiscale
+
+
+def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
+                 options: dict, repeats: int) -> dict:
+  model = _bench_model(model_name)
+  loss_fn = make_loss_fn(model)
+  h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
+  pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
+  stage = fm.multiscale_schedule(h, 1)[0]
+  fuse = mode == "by-mesh"
+  tx = multiscale(optax.adam(1e-4), levels, level_terms=not fuse)
+  step = fm.make_stage_step(stage, h, loss_fn, sample_denoise_batch, tx, fuse_meshes=fuse)
+  state = fm.init_state(params, seed=0, opt_state=tx.init(params))
+  t0 = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=0).lower(state, pool)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile(compiler_options=options or None)
+  compile_s = time.perf_counter() - t0
+  holder = {"state": compiled(state, pool)[0]}
+
+  def one():
+    holder["state"], metrics = compiled(holder["state"], pool)
+    return metrics["loss"]
+
+  jax.block_until_ready(one())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(one())
+    times.append(time.perf_counter() - t0)
+  return {"model": model_name, "size": size, "mge": mode, "options": options,
+          "seconds_per_step": statistics.median(times), "lower_seconds": lower_s,
+          "compile_seconds": compile_s, **_memory(compiled)}
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(prog="python -m experiments.levers", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", choices=("default", "smoke"), default="default",
+                 help="smoke: ResNet at 16^2, 2 levels, batch 1 (seconds)")
+  p.add_argument("--model", choices=BENCH_MODELS, default="resnet")
+  p.add_argument("--sizes", nargs="+", type=int, default=None)
+  p.add_argument("--levels", type=int, default=None)
+  p.add_argument("--base-batch", type=int, default=None)
+  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"])
+  p.add_argument("--options", nargs="+", type=json.loads, default=[{}],
+                 help="XLA compile options per variant, as JSON objects")
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--workdir", default="runs/levers")
+  args = p.parse_args(argv)
+  smoke = args.config == "smoke"
+  sizes = args.sizes or ([16] if smoke else [64])
+  levels = args.levels or (2 if smoke else 4)
+  base_batch = args.base_batch or (1 if smoke else 16)
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for size in sizes:
+    for mode in args.mge:
+      for options in args.options:
+        try:
+          row = time_variant(args.model, size, levels, base_batch, mode, options, args.repeats)
+        except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
+          row = {"model": args.model, "size": size, "mge": mode, "options": options,
+                 "error": str(e).splitlines()[0]}
+        rows.append(row)
+        shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower {row['lower_seconds']:.1f} s,"
+                 f" compile {row['compile_seconds']:.1f} s" if "error" not in row
+                 else row["error"])
+        print(f"{args.model} {size}^2 {mode} {json.dumps(options)}: {shown}", flush=True)
+        (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
