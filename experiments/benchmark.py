@@ -173,7 +173,9 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
     holder["state"], metrics = compiled(holder["state"], pool)
     return metrics["loss"]
 
-  one()
+  # Block on the warm-up: dispatch is asynchronous, and an unfinished warm-up
+  # would be counted in the first timed call.
+  jax.block_until_ready(one())
   median, times = _median_seconds(one, repeats)
   return {"levels": list(stage.levels), "batch_sizes": list(stage.batch_sizes),
           "work_units_per_step": float(stage.work_units_per_step),
@@ -352,6 +354,7 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
       t0 = time.perf_counter()
       compiled = jax.jit(fn).lower(params, arg).compile()
       row[f"{name}_compile_seconds"] = time.perf_counter() - t0
+      jax.block_until_ready(compiled(params, arg))   # warm-up
       row[f"{name}_seconds"] = _median_seconds(lambda: compiled(params, arg),
                                                config.repeats)[0]
     row["speed_ratio"] = row["single_seconds"] / row["mge_seconds"]

@@ -43,16 +43,20 @@ from mgtrain.transform import multiscale
 
 
 def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
-                 options: dict, repeats: int) -> dict:
+                 options: dict, repeats: int, chunk_pixels: int | None = None,
+                 single_batch: int | None = None) -> dict:
   model = _bench_model(model_name)
   loss_fn = make_loss_fn(model)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
   params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   stage = fm.multiscale_schedule(h, 1)[0]
-  fuse = mode == "by-mesh"
-  tx = multiscale(optax.adam(1e-4), levels, level_terms=not fuse)
-  step = fm.make_stage_step(stage, h, loss_fn, sample_denoise_batch, tx, fuse_meshes=fuse)
+  if single_batch:
+    stage = fm.Stage((0,), (single_batch,), 1)
+  fuse = mode == "by-mesh" and not single_batch
+  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse)
+  step = fm.make_stage_step(stage, h, loss_fn, sample_denoise_batch, tx,
+                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse)
   state = fm.init_state(params, seed=0, opt_state=tx.init(params))
   t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(state, pool)
@@ -73,6 +77,7 @@ def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode:
     jax.block_until_ready(one())
     times.append(time.perf_counter() - t0)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
+          "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "seconds_per_step": statistics.median(times), "lower_seconds": lower_s,
           "compile_seconds": compile_s, **_memory(compiled)}
 
@@ -89,6 +94,10 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"])
   p.add_argument("--options", nargs="+", type=json.loads, default=[{}],
                  help="XLA compile options per variant, as JSON objects")
+  p.add_argument("--chunk-pixels", nargs="+", type=int, default=[0],
+                 help="per-batch chunk sizes (samples x pixels) to try; 0 = no chunking")
+  p.add_argument("--single-batch", type=int, default=0,
+                 help="time a single-scale step of this batch instead of MGE")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--workdir", default="runs/levers")
   args = p.parse_args(argv)
@@ -100,19 +109,22 @@ def main(argv=None) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for size in sizes:
-    for mode in args.mge:
+    for mode in (["single"] if args.single_batch else args.mge):
       for options in args.options:
-        try:
-          row = time_variant(args.model, size, levels, base_batch, mode, options, args.repeats)
-        except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
-          row = {"model": args.model, "size": size, "mge": mode, "options": options,
-                 "error": str(e).splitlines()[0]}
-        rows.append(row)
-        shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower {row['lower_seconds']:.1f} s,"
-                 f" compile {row['compile_seconds']:.1f} s" if "error" not in row
-                 else row["error"])
-        print(f"{args.model} {size}^2 {mode} {json.dumps(options)}: {shown}", flush=True)
-        (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
+        for chunk in args.chunk_pixels:
+          try:
+            row = time_variant(args.model, size, levels, base_batch, mode, options,
+                               args.repeats, chunk or None, args.single_batch or None)
+          except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
+            row = {"model": args.model, "size": size, "mge": mode, "options": options,
+                   "error": str(e).splitlines()[0]}
+          rows.append(row)
+          shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower "
+                   f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s"
+                   if "error" not in row else row["error"])
+          print(f"{args.model} {size}^2 {mode} chunk {chunk} {json.dumps(options)}: {shown}",
+                flush=True)
+          (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
   return rows
 
 

@@ -1,8 +1,9 @@
 """Level parallelism: MGE's terms on different device groups, concurrently.
 
 The terms of Eq. 6 are independent until they are summed: term ``k`` needs
-only the parameters and its own fresh batch. The MGE paper notes that they
-could therefore be computed in parallel but does not do it. Here every term
+only the parameters and its own fresh batch. The MGE paper (Section 2.1) says
+they "can, in principle, be executed in parallel" and leaves "the
+engineering of parallel execution" for future work. Here every term
 gets its own group of devices and its own jitted program; JAX dispatches
 programs asynchronously, so the groups compute their terms at the same time.
 The per-level gradients are then moved to group 0, where the
