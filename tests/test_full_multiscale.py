@@ -92,46 +92,37 @@ def test_full_multiscale_hot_starts_and_learns():
   assert len(history["compile_seconds"]) == 2
 
 
-def test_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("fuse_meshes", [False, True])
+def test_resume_matches_uninterrupted(tmp_path, fuse_meshes):
+  """Stop, resume from the checkpoint, and match the uninterrupted per-term run.
+
+  With ``fuse_meshes`` (one pass per mesh, the transform without per-level
+  statistics) the run must also match: it is the same estimate.
+  """
   h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
   stages = fm.full_multiscale_schedule(h, (4, 2))
+  if fuse_meshes:
+    stages = fm.multiscale_schedule(h, 6)
   ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn)
 
   ckpt = Checkpointer(tmp_path / "ckpt", every=2)
-  # Stop mid-way through the first stage (step 3 of 6)...
+  # Stop mid-way (step 3 of 6)...
   state, _ = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt,
-                    stop_after=3)
+                    stop_after=3, fuse_meshes=fuse_meshes)
   assert int(state.step) == 3
   ckpt.close()
   # ...and resume in a fresh checkpointer, as a new process would.
   ckpt = Checkpointer(tmp_path / "ckpt", every=2)
   assert ckpt.latest_step() == 3
-  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt)
+  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt,
+                       fuse_meshes=fuse_meshes)
   ckpt.close()
   assert int(state.step) == 6
   assert float(state.work_units) == float(ref_state.work_units)
-  np.testing.assert_allclose(hist["loss"], ref_hist["loss"], rtol=1e-5)
+  tol = 1e-4 if fuse_meshes else 1e-5   # by mesh: the same sums in another order
+  np.testing.assert_allclose(hist["loss"], ref_hist["loss"], rtol=tol)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_fused_meshes_train_matches_per_term_train(tmp_path):
-  """``fuse_meshes`` is the same estimate: same losses and params, and it checkpoints."""
-  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
-  stages = fm.full_multiscale_schedule(h, (3, 2))
-  ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn)
-  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
-  _train(stages, h, params, pool, sample_fn, loss_fn, fuse_meshes=True, checkpointer=ckpt,
-         stop_after=4)
-  ckpt.close()
-  ckpt = Checkpointer(tmp_path / "ckpt", every=2)
-  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, fuse_meshes=True,
-                       checkpointer=ckpt)
-  ckpt.close()
-  assert float(state.work_units) == float(ref_state.work_units)
-  np.testing.assert_allclose(hist["loss"], ref_hist["loss"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol / 10)
 
 
 def test_resume_at_stage_boundary(tmp_path):
