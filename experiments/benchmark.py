@@ -155,7 +155,13 @@ def _memory(compiled) -> dict:
 
 
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
-                repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False) -> dict:
+                repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
+                compiler_options: dict | None = None) -> dict:
+  """Median seconds per step of ``stage``'s train step, after an awaited warm-up.
+
+  ``compile_seconds`` is lowering plus compilation (``lower_seconds`` is the
+  first part); ``compiler_options`` are XLA options for this program only.
+  """
   tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
                             max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
@@ -165,7 +171,7 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   t0 = time.perf_counter()
   lowered = jitted.lower(state, pool)
   lower_s = time.perf_counter() - t0
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - t0
   holder = {"state": compiled(state, pool)[0]}   # warm-up
 

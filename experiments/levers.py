@@ -4,7 +4,8 @@ Each variant compiles the same denoising train step that
 ``experiments.benchmark`` times (4 levels, batches 16/32/64/128 by default)
 with ``Lowered.compile(compiler_options=...)``, so XLA debug options are
 switched per program inside one process, then reports the median step time,
-lowering and compile seconds and XLA's working memory. Results go to
+lowering and compile seconds (the latter including lowering) and XLA's
+working memory. Results go to
 ``WORKDIR/levers.json`` after every variant.
 
 The H100 figures in ``docs/benchmark_h100.md`` ("Levers measured") came from::
@@ -24,62 +25,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from experiments.benchmark import BENCH_MODELS, _bench_model, _memory
-from experiments.denoise import make_loss_fn, sample_denoise_batch
+from experiments.benchmark import BENCH_MODELS, _bench_model, _time_stage
+from experiments.denoise import make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
-from mgtrain.transform import multiscale
 
 
 def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                  options: dict, repeats: int, chunk_pixels: int | None = None,
                  single_batch: int | None = None) -> dict:
+  """One variant, timed by the benchmark's own ``_time_stage``."""
   model = _bench_model(model_name)
-  loss_fn = make_loss_fn(model)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
   params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
-  stage = fm.multiscale_schedule(h, 1)[0]
-  if single_batch:
-    stage = fm.Stage((0,), (single_batch,), 1)
+  stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
+           else fm.multiscale_schedule(h, 1)[0])
   fuse = mode == "by-mesh" and not single_batch
-  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse)
-  step = fm.make_stage_step(stage, h, loss_fn, sample_denoise_batch, tx,
-                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse)
-  state = fm.init_state(params, seed=0, opt_state=tx.init(params))
-  t0 = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=0).lower(state, pool)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile(compiler_options=options or None)
-  compile_s = time.perf_counter() - t0
-  holder = {"state": compiled(state, pool)[0]}
-
-  def one():
-    holder["state"], metrics = compiled(holder["state"], pool)
-    return metrics["loss"]
-
-  jax.block_until_ready(one())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(one())
-    times.append(time.perf_counter() - t0)
+  row = _time_stage(stage, h, make_loss_fn(model), params, pool, repeats, chunk_pixels,
+                    fuse, compiler_options=options)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
-          "chunk_pixels": chunk_pixels, "single_batch": single_batch,
-          "seconds_per_step": statistics.median(times), "lower_seconds": lower_s,
-          "compile_seconds": compile_s, **_memory(compiled)}
+          "chunk_pixels": chunk_pixels, "single_batch": single_batch, **row}
 
 
 def main(argv=None) -> list[dict]:
