@@ -51,11 +51,14 @@ from mgtrain.nn.resnet import ResNet, count_params
 MODEL_CONVS = {"resnet": "standard", "mfc-resnet": "mfc",
                "mfc-pairwise-resnet": "mfc-pairwise"}
 MODELS = tuple(MODEL_CONVS)
-# On 2 CPU cores the reference ResNet's step costs 62 ms/sample at batch 8 of
-# 32x32 but 150 ms/sample at batch 28: XLA's CPU convolutions slow down once
-# the working set outgrows the caches, so batches are evaluated in chunks of
-# at most 8 x 32 x 32 samples x pixels there.
-CPU_CHUNK_PIXELS = 8 * 32 * 32
+# On CPU, big batches are evaluated in unrolled chunks of at most this many
+# samples x pixels (64 x 64^2, 16 x 128^2, 4 x 256^2; at most 16 chunks,
+# mgtrain.mge.MAX_CHUNKS). With XLA's own convolutions (experiments.runtime
+# turns YNNPACK off) the reference ResNet's single b240 step at 64^2 took
+# 43.7 s unchunked, 35.4 s in chunks of 2^18 and 37.1 s in chunks of 2^16;
+# the MGE step's batches (at most 16 x 64^2) stay whole: chunks of 8 x 32^2,
+# the old default (for YNNPACK), made that step slower, 6.07 s vs 4.78 s.
+CPU_CHUNK_PIXELS = 2**18
 
 
 # ---------------------------------------------------------------- data

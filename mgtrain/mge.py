@@ -135,11 +135,23 @@ def _batch_and_pixels(views) -> tuple[int, int]:
   return n, pixels
 
 
-def chunk_size(batch: int, pixels: int, max_pixels: int | None) -> int:
-  """Largest divisor ``c`` of ``batch`` with ``c * pixels <= max_pixels`` (>= 1).
+# Chunks are unrolled (a rolled lax.scan ran 20x slower on CPU), so compile
+# time and program size grow with their number; past this many, chunks grow.
+MAX_CHUNKS = 16
+
+
+def chunk_size(batch: int, pixels: int, max_pixels: int | None,
+               max_chunks: int | None = MAX_CHUNKS) -> int:
+  """Sub-batch size ``c`` (a divisor of ``batch``) for chunked evaluation.
+
+  The largest divisor with ``c * pixels <= max_pixels`` (at least 1), unless
+  that makes more than ``max_chunks`` chunks: then the smallest divisor with
+  ``batch / c <= max_chunks``. ``max_pixels=None`` means one chunk.
 
   >>> chunk_size(28, 32 * 32, 8192), chunk_size(28, 8 * 8, 8192), chunk_size(5, 64 * 64, 8192)
   (7, 28, 1)
+  >>> chunk_size(240, 256 * 256, 2**18), chunk_size(240, 256 * 256, 2**18, max_chunks=None)
+  (15, 4)
   """
   if max_pixels is None or batch * pixels <= max_pixels:
     return batch
@@ -147,6 +159,8 @@ def chunk_size(batch: int, pixels: int, max_pixels: int | None) -> int:
   for c in range(1, batch + 1):
     if batch % c == 0 and c * pixels <= max_pixels:
       best = c
+  if max_chunks is not None and batch // best > max_chunks:
+    best = min(c for c in range(1, batch + 1) if batch % c == 0 and batch // c <= max_chunks)
   return best
 
 
@@ -327,5 +341,5 @@ def combine_level_grads(level_grads):
 
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
-           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size",
+           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS",
            "mesh_groups", "mge_value_and_grad_by_mesh"]

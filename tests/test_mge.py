@@ -5,7 +5,7 @@ import pytest
 
 from conftest import mse_loss_fn, smooth_images
 from mgtrain.hierarchy import Hierarchy, HierarchyError
-from mgtrain.mge import (combine_level_grads, mesh_groups, level_views, mge_loss,
+from mgtrain.mge import (chunk_size, combine_level_grads, mesh_groups, level_views, mge_loss,
                          mge_value_and_grad, mge_value_and_grad_by_mesh)
 
 
@@ -140,6 +140,20 @@ def test_chunked_evaluation_gives_the_same_estimate(tiny_model):
   np.testing.assert_allclose(out[2], ref[2], rtol=1e-5, atol=1e-7)
   for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 28, 240])
+@pytest.mark.parametrize("pixels", [64, 1024, 4096, 65536])
+@pytest.mark.parametrize("max_pixels", [None, 8192, 2**18])
+def test_chunk_size_against_brute_force(batch, pixels, max_pixels):
+  """Divides the batch; within the pixel budget, else as few chunks as allowed."""
+  divisors = [c for c in range(1, batch + 1) if batch % c == 0]
+  fits = [c for c in divisors if max_pixels is None or c * pixels <= max_pixels]
+  capped = [c for c in divisors if batch // c <= 16]
+  expected = max(max(fits, default=1), min(capped))
+  assert chunk_size(batch, pixels, max_pixels) == expected
+  uncapped = chunk_size(batch, pixels, max_pixels, max_chunks=None)
+  assert uncapped == max(fits, default=1)
 
 
 @pytest.mark.parametrize("levels,chunk", [(1, None), (3, None), (3, 512)])
