@@ -57,6 +57,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -71,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, make_loss_fn, \
     sample_denoise_batch
 from mgtrain import full_multiscale as fm
@@ -191,9 +193,12 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
 
 
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
-                progress=print, on_row=lambda rows: None) -> list[dict]:
+                progress=print, on_row=lambda rows: None, same_samples: bool = True
+                ) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
-  statistics kept) and/or ``by-mesh`` (one pass per mesh)."""
+  statistics kept) and/or ``by-mesh`` (one pass per mesh). ``same_samples=False``
+  leaves out single-scale on the MGE step's samples (the slowest step), and
+  with it the speed, #WU and memory ratios."""
   rows = []
   for model_name in config.models:
     model = _bench_model(model_name)
@@ -209,7 +214,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
                                                  False)}
       for mode in mge_modes:
         stages[_mge_key(config.levels, mode)] = (mge_stage, mode == "by-mesh")
-      stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
+      if same_samples:
+        stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
       for key, (stage, fuse) in stages.items():
         progress(f"  {model_name} {size}^2 {key} ...")
@@ -217,11 +223,15 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
                                chunk_pixels, fuse)
         progress(f"    {row[key]['seconds_per_step'] * 1e3:.2f} ms/step, compile "
                  f"{row[key]['compile_seconds']:.1f} s, temp {row[key]['temp_bytes']} B")
-      same = row[f"single_b{total}"]
       mge_key = min((_mge_key(config.levels, m) for m in mge_modes),
                     key=lambda k: row[k]["seconds_per_step"])
       mge = row[mge_key]
       row["fastest_mge"] = mge_key
+      if not same_samples:
+        rows.append(row)
+        on_row(rows)
+        continue
+      same = row[f"single_b{total}"]
       row["speed_ratio"] = same["seconds_per_step"] / mge["seconds_per_step"]
       row["wu_ratio"] = same["work_units_per_step"] / mge["work_units_per_step"]
       if mge["temp_bytes"] and same["temp_bytes"]:
@@ -262,26 +272,44 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   return rows
 
 
-def bench_torch(sizes, repeats: int, twin: Path, progress=print) -> dict:
+def bench_torch(sizes, repeats: int, twin: Path, progress=print, same_samples: bool = True,
+                on_row=lambda rows: None) -> dict:
   """Section 1b: the PyTorch twin of the ResNet, timed in a subprocess of this run.
 
-  ``torch_twin.py`` times single b16, a 4-level MGE step (16/32/64/128) and
-  single b240 on pre-staged CPU tensors (no sampling or noise in its step,
-  which mgtrain's step does on the device). Returns ``{"skipped": reason}``
-  when torch or the twin is not there.
+  ``experiments.torch_steps`` runs the twin's model and step
+  (``torch_twin.py``: single b16, a 4-level MGE step 16/32/64/128 and single
+  b240, on pre-staged CPU tensors with no sampling or noise inside the step,
+  which mgtrain's step does on the device) and prints each time as soon as
+  it has it. A step that kills the process (single b240 at 128^2 needs more
+  than 24 GB in PyTorch) is recorded under ``errors``; the others are kept.
+  Returns ``{"skipped": reason}`` when torch or the twin is not there.
   """
   if importlib.util.find_spec("torch") is None:
     return {"skipped": "torch is not installed (pip install torch, the CPU wheel)"}
   if not twin.is_file():
     return {"skipped": f"no PyTorch twin at {twin} (--torch-twin PATH)"}
+  kinds = ["single_b16", "mge4"] + (["single_b240"] if same_samples else [])
   rows = []
   for size in sizes:
     progress(f"  torch twin {size}^2 ...")
-    proc = subprocess.run([sys.executable, str(twin), "--res", str(size), "--reps",
-                           str(repeats)], capture_output=True, text=True, check=False)
-    if proc.returncode:
-      raise RuntimeError(f"{twin} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.torch_steps", "--twin", str(twin), "--res",
+         str(size), "--reps", str(repeats), "--kinds", *kinds],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+    row = {"res": size}
+    for line in proc.stdout.splitlines():
+      if line.startswith("{"):
+        row.update(json.loads(line))
+    missing = [k for k in kinds if k not in row]
+    if missing:
+      why = (f"killed (exit {proc.returncode}; -9 is usually out of memory)"
+             if proc.returncode < 0 else
+             f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+      row["errors"] = {k: why for k in missing}
+    progress("    " + ", ".join(f"{k} {row[k]:.3g} s" if k in row else f"{k}: {why}"
+                                  for k in kinds))
+    rows.append(row)
+    on_row(rows)
   return {"twin": str(twin), "rows": rows}
 
 
@@ -545,17 +573,26 @@ def torch_table(torch_out: dict, step_rows: list[dict]) -> str:
   lines = ["| res | torch single b16 s | torch MGE s | torch single b240 s | torch b240 / MGE | "
            "JAX / torch, single b16 | JAX / torch, MGE | JAX / torch, single b240 |",
            "|---" * 8 + "|"]
+
+  def seconds(t, key):
+    return f"{t[key]:.3g}" if key in t else t.get("errors", {}).get(key, "not run")
+
+  def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b is not None else "n/a"
+
   for t in torch_out["rows"]:
-    cells = [f"{t['single_b16']:.3g}", f"{t['mge4']:.3g}", f"{t['single_b240']:.3g}",
-             f"{t['single_b240'] / t['mge4']:.2f}x"]
+    cells = [seconds(t, "single_b16"), seconds(t, "mge4"), seconds(t, "single_b240"),
+             f"{t['single_b240'] / t['mge4']:.2f}x" if "single_b240" in t and "mge4" in t
+             else "n/a"]
     j = jax_rows.get(t["res"])
     if j is None:
       cells += ["n/a (no JAX ResNet row at this size)"] * 3
     else:
-      mge = j[j["fastest_mge"]]["seconds_per_step"]
-      cells += [f"{j['single_b16']['seconds_per_step'] / t['single_b16']:.2f}",
-                f"{mge / t['mge4']:.2f}",
-                f"{j['single_b240']['seconds_per_step'] / t['single_b240']:.2f}"]
+      def jax_s(key):
+        return j[key]["seconds_per_step"] if key in j else None
+      cells += [ratio(jax_s("single_b16"), t.get("single_b16")),
+                ratio(jax_s(j["fastest_mge"]), t.get("mge4")),
+                ratio(jax_s("single_b240"), t.get("single_b240"))]
     lines.append(f"| {t['res']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -572,9 +609,10 @@ def steps_table(rows: list[dict]) -> str:
   for r in rows:
     cells = " | ".join(f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
                        for k in keys)
-    mem = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "n/a (backend)"
-    lines.append(f"| {r['model']} | {r['size']} | {cells} | {r['speed_ratio']:.2f}x | "
-                 f"{r['wu_ratio']:.2f}x | {mem} |")
+    mem = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "n/a"
+    speed = f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "n/a"
+    wu_ratio = f"{r['wu_ratio']:.2f}x" if "wu_ratio" in r else "n/a"
+    lines.append(f"| {r['model']} | {r['size']} | {cells} | {speed} | {wu_ratio} | {mem} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
 
@@ -611,8 +649,15 @@ def parse_args(argv=None):
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
+  p.add_argument("--skip-same-samples", action="store_true",
+                 help="steps and torch: leave out single-scale on the MGE step's samples "
+                      "(b240, the slowest step; the ratios against it are then n/a)")
   p.add_argument("--torch-twin", type=Path, default=DEFAULT_TORCH_TWIN,
                  help="the PyTorch twin script for section 'torch' (default: %(default)s)")
+  p.add_argument("--ttm-config", default=None, choices=sorted(DENOISE_CONFIGS),
+                 help="time-to-mse: denoising config (default: the benchmark config's; "
+                      "cpu4 has the paper's 4 levels, so Full-Multiscale's #WU saving is "
+                      "16.7x rather than the 3-level cpu config's 5.7x)")
   p.add_argument("--ttm-model", default="resnet", choices=tuple(MODEL_CONVS),
                  help="time-to-mse: denoising model")
   p.add_argument("--ttm-data-dir", default=None,
@@ -663,6 +708,7 @@ def main(argv=None) -> dict:
   out = {"config": dataclasses.asdict(config), "backend": backend,
          "device": str(jax.devices()[0]), "jax": jax.__version__,
          "platform": platform.platform(), "chunk_pixels": chunk,
+         "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,
                                                                   config.levels))}
   md = [f"Benchmark on {out['device']} (backend {backend}, jax {jax.__version__}); "
@@ -670,20 +716,27 @@ def main(argv=None) -> dict:
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 
-  def save(rows):  # after every row, so an interrupted run keeps what it measured
-    out["steps"] = rows
+  def save_section(name, value):  # after every row: an interrupted run keeps what it measured
+    out[name] = value
     (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
 
+  def save(rows):
+    save_section("steps", rows)
+
   if "steps" in args.sections:
-    out["steps"] = bench_steps(config, chunk, tuple(args.mge), progress, on_row=save)
+    out["steps"] = bench_steps(config, chunk, tuple(args.mge), progress, on_row=save,
+                               same_samples=not args.skip_same_samples)
     md += ["", steps_table(out["steps"])]
   if "torch" in args.sections:
-    out["torch"] = bench_torch(config.sizes, config.repeats, args.torch_twin, progress)
+    out["torch"] = bench_torch(config.sizes, config.repeats, args.torch_twin, progress,
+                               same_samples=not args.skip_same_samples,
+                               on_row=lambda rows: save_section("torch", {"rows": rows}))
     md += ["", "PyTorch twin of the ResNet (same process run, 4 levels, batches 16..128)", "",
            torch_table(out["torch"], out.get("steps", []))]
   if "time-to-mse" in args.sections:
     out["time_to_mse"] = bench_time_to_mse(
-        config.denoise_config, args.ttm_model, args.ttm_data_dir, tuple(args.ttm_scales),
+        args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,
+        tuple(args.ttm_scales),
         args.ttm_eval_every, workdir / "time_to_mse", chunk, progress)
     md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
            "validation MSE", "", time_to_mse_table(out["time_to_mse"])]

@@ -151,7 +151,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  subsample: str = "coarsen", restriction: str = "nearest",
                  progress: bool = True, stop_after: int | None = None,
                  chunk_pixels: int | None = None, fuse_meshes: bool = False,
-                 mesh=None) -> dict:
+                 mesh=None, level_parallel=None) -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results."""
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
@@ -178,7 +178,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       make_optimizer=make_optimizer_factory(config, stages[0].iterations), seed=config.seed,
       eval_fn=eval_fn, eval_every=config.eval_every, checkpointer=ckpt,
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
-      max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh)
+      max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
+      level_parallel=level_parallel)
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])
@@ -226,7 +227,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
           "sq_norm": None if fuse_meshes else np.asarray(state.opt_state.sq_norm).tolist(),
           "variance": None if fuse_meshes else np.asarray(state.opt_state.variance).tolist()},
       "mge": "by-mesh" if fuse_meshes else "terms",
-      "devices": 1 if mesh is None else int(mesh.size),
+      "devices": (1 if mesh is None else int(mesh.size)) if level_parallel is None
+                 else (len(jax.devices()) if level_parallel is True else len(level_parallel)),
+      "level_parallel": level_parallel is not None,
       "per_image_mse": np.asarray(final["per_image_mse"]).tolist(),
       "evals": history["evals"],
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
@@ -384,9 +387,14 @@ def parse_args(argv=None):
                       "term; keeps the per-level variance statistics) or 'by-mesh' "
                       "(one pass per mesh, same estimate; 1.1-1.75x faster on an H100). "
                       "auto: by-mesh on a GPU, terms on CPU")
-  p.add_argument("--devices", type=int, default=1,
-                 help="data parallelism over this many devices (0 = all); every "
-                      "level's batch must divide evenly")
+  p.add_argument("--devices", type=int, default=None,
+                 help="data parallelism over this many devices (0 = all; default 1, "
+                      "or all with --level-parallel); every level's batch must divide "
+                      "evenly")
+  p.add_argument("--level-parallel", action="store_true",
+                 help="run each MGE term on its own group of devices, concurrently "
+                      "(mgtrain.level_parallel; groups sized by the terms' #WU, at least "
+                      "one device per level; with --devices N the first N devices)")
   p.add_argument("--distributed", action="store_true",
                  help="multi-host: call jax.distributed.initialize() first and use "
                       "every host's devices (see --coordinator)")
@@ -402,6 +410,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.level_parallel and (args.mge == "by-mesh" or args.distributed):
+    raise SystemExit("--level-parallel runs the MGE terms separately: it cannot be "
+                     "combined with --mge by-mesh or --distributed")
   if args.distributed:
     info = parallel.initialize_distributed(args.coordinator, args.num_processes,
                                            args.process_id)
@@ -439,8 +450,11 @@ def main(argv=None) -> dict:
     chunk_pixels = CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else None
   chunk_pixels = chunk_pixels or None
   fuse = args.mge == "by-mesh" or (args.mge == "auto" and jax.default_backend() == "gpu")
-  mesh = None
-  if args.distributed or args.devices != 1:
+  mesh = level_parallel = None
+  if args.level_parallel:
+    fuse = False
+    level_parallel = jax.devices()[:args.devices] if args.devices else True
+  elif args.distributed or args.devices not in (None, 1):
     mesh = parallel.data_mesh(None if args.distributed or args.devices == 0 else args.devices)
   strategies = list(fm.STRATEGIES) if args.strategy == "all" else [args.strategy]
   results = {}
@@ -460,7 +474,7 @@ def main(argv=None) -> dict:
                      levels=levels, subsample=args.subsample,
                      restriction=args.restriction, progress=not args.no_progress,
                      stop_after=args.stop_after, chunk_pixels=chunk_pixels,
-                     fuse_meshes=fuse, mesh=mesh)
+                     fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

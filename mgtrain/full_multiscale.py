@@ -194,7 +194,9 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
   Each level draws its own fresh batch with ``sample_fn(data, key, n)``
   (returning a batch on the finest mesh), MGE computes the per-level
   gradient terms, ``tx`` (a :func:`mgtrain.transform.multiscale`) combines and
-  applies them, and the step's #WU is added to the counter.
+  applies them, and the step's #WU is added to the counter. ``metrics`` holds
+  the scalar ``loss``, the per-level ``terms`` and the updated ``work_units``
+  (a copy outside the state, so it can be read after the state is donated).
   ``max_pixels_per_chunk`` is passed to :func:`mgtrain.mge.mge_value_and_grad`.
   With ``fuse_meshes`` the gradient comes from
   :func:`mgtrain.mge.mge_value_and_grad_by_mesh` (one pass per mesh, already
@@ -217,7 +219,7 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
     new_state = state.replace(
         step=state.step + 1, level=jnp.asarray(stage.mesh_level, jnp.int32),
         params=params, opt_state=opt_state, work_units=state.work_units + wu)
-    return new_state, {"loss": loss, "terms": terms}
+    return new_state, {"loss": loss, "terms": terms, "work_units": new_state.work_units}
 
   return step
 
@@ -227,7 +229,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           seed: int = 0, eval_fn: Callable | None = None, eval_every: int = 0,
           checkpointer=None, progress: bool = True, description: str = "train",
           stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
-          carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False):
+          carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False,
+          level_parallel=None):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -263,6 +266,12 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     fuse_meshes: evaluate MGE with one model pass per mesh
       (:func:`mgtrain.mge.mge_value_and_grad_by_mesh`): the same estimate, faster
       on a GPU, but without the transform's per-level statistics.
+    level_parallel: ``None`` (off), ``True`` (all devices) or a list of
+      devices: every stage runs its MGE terms on separate device groups,
+      concurrently (:mod:`mgtrain.level_parallel`; groups sized by the terms'
+      #WU, so a stage needs at least one device per level). Not combinable
+      with ``mesh`` or ``fuse_meshes``. Its programs compile on the first
+      step, so a stage's ``compile_seconds`` is that first step's wall time.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -271,6 +280,15 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     compile and train seconds.
   """
   stages = list(stages)
+  if level_parallel is not None and level_parallel is not False:
+    if mesh is not None or fuse_meshes:
+      raise ValueError("level_parallel cannot be combined with mesh or fuse_meshes")
+    from mgtrain import level_parallel as lp_lib  # pylint: disable=g-import-not-at-top
+    lp_devices = jax.devices() if level_parallel is True else list(level_parallel)
+    for st in stages:
+      lp_lib.group_sizes(st, len(lp_devices))   # fails early: too few devices
+  else:
+    lp_devices = None
   if mesh is not None:
     for st in stages:
       parallel.check_batches(st.batch_sizes, mesh)
@@ -320,26 +338,57 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
                               level=jnp.asarray(stage.mesh_level, jnp.int32))
       if mesh is not None:
         state = parallel.replicate(state, mesh)
-      step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
-                                        max_pixels_per_chunk, fuse_meshes), donate_argnums=0)
+      stage_data = data
       t0 = time.perf_counter()
-      compiled = step_fn.lower(state, data).compile()
+      if lp_devices is not None:
+        compiled = lp_lib.make_level_parallel_step(
+            stage, hierarchy, loss_fn, sample_fn, optimizers[s],
+            lp_lib.device_groups(stage, lp_devices), max_pixels_per_chunk)
+        state, stage_data = compiled.place(state, data)
+      else:
+        step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
+                                          max_pixels_per_chunk, fuse_meshes), donate_argnums=0)
+        compiled = step_fn.lower(state, data).compile()
       history["compile_seconds"][s] += time.perf_counter() - t0
 
       t_stage = time.perf_counter()
-      for k in range(int(bounds[s]) + step_in_stage, int(bounds[s + 1])):
-        state, metrics = compiled(state, data)
-        loss = float(metrics["loss"])
-        wu = float(state.work_units)
-        history["step"].append(k + 1)
+      # Step k's metrics are read after step k+1 is queued, so the device
+      # never idles while the host waits for a float.
+      pending = None     # (step, metrics) of a step not yet recorded
+
+      def record(entry, level=stage.mesh_level):
+        k_, metrics_ = entry
+        loss = float(metrics_["loss"])
+        wu = float(metrics_["work_units"])
+        history["step"].append(k_ + 1)
         history["loss"].append(loss)
         history["work_units"].append(wu)
-        history["level"].append(stage.mesh_level)
-        bar.set_postfix(loss=f"{loss:.4f}", level=stage.mesh_level, wu=f"{wu:,.0f}",
-                        refresh=False)
+        history["level"].append(level)
+        bar.set_postfix(loss=f"{loss:.4f}", level=level, wu=f"{wu:,.0f}", refresh=False)
         bar.update(1)
+        return wu
+
+      for k in range(int(bounds[s]) + step_in_stage, int(bounds[s + 1])):
+        state, metrics = compiled(state, stage_data)
+        if lp_devices is not None and pending is None and k == int(bounds[s]) + step_in_stage:
+          # The level-parallel programs compiled during this first step.
+          jax.block_until_ready(metrics)
+          history["compile_seconds"][s] += time.perf_counter() - t_stage
+          t_stage = time.perf_counter()
+        if pending is not None:
+          record(pending)
+        pending = (k, metrics)
         done_stage = k + 1 == bounds[s + 1]
-        if eval_fn is not None and ((eval_every and (k + 1) % eval_every == 0) or done_stage):
+        evaluate = eval_fn is not None and ((eval_every and (k + 1) % eval_every == 0)
+                                            or done_stage)
+        save = checkpointer is not None and (checkpointer.should_save(k + 1) or done_stage
+                                             or k + 1 == stop_after)
+        stop = stop_after is not None and k + 1 >= stop_after
+        if not (evaluate or save or stop or done_stage):
+          continue
+        wu = record(pending)
+        pending = None
+        if evaluate:
           history["train_seconds"][s] += time.perf_counter() - t_stage
           last_eval = {k_: float(v) for k_, v in eval_fn(state.params).items()}
           history["evals"].append({"step": k + 1, "work_units": wu,
@@ -348,13 +397,14 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
                                    "compile_seconds": float(sum(history["compile_seconds"])),
                                    **last_eval})
           t_stage = time.perf_counter()
-        if checkpointer is not None and (checkpointer.should_save(k + 1) or done_stage
-                                         or k + 1 == stop_after):
+        if save:
           history["train_seconds"][s] += time.perf_counter() - t_stage
           checkpointer.save(k + 1, state, history, force=True)
           t_stage = time.perf_counter()
-        if stop_after is not None and k + 1 >= stop_after:
+        if stop:
           return state, history
+      # The stage's last step was recorded above (done_stage), so its time
+      # up to here includes the device finishing it.
       history["train_seconds"][s] += time.perf_counter() - t_stage
   finally:
     bar.close()

@@ -163,7 +163,8 @@ class LevelParallelStep:
           params=optax.apply_updates(state.params, updates), opt_state=opt_state,
           work_units=state.work_units + wu)
       terms = jnp.stack(values)
-      return new_state, {"loss": jnp.sum(terms), "terms": terms}
+      return new_state, {"loss": jnp.sum(terms), "terms": terms,
+                         "work_units": new_state.work_units}
 
     self._update = jax.jit(update, donate_argnums=0)
 

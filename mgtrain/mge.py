@@ -168,12 +168,15 @@ def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None =
   """``value_and_grad`` of :func:`term_loss`, accumulated over equal sub-batches.
 
   A term is a mean over its samples, so the mean of equal-sized chunk means
-  is the same number; computing it chunk by chunk (a ``lax.scan``) keeps the
-  working set of each convolution small. On a CPU that is much faster for
-  big batches: a reference-ResNet step at 32x32 took 62 ms/sample at batch
-  8 but 150 ms/sample at batch 28 on 2 cores; with chunks of 8 x 32 x 32
-  the batch-28 step went from 4.13 s to 1.57 s. The chunk loop is unrolled:
-  as a rolled ``lax.scan`` (an XLA while loop) the same step took 34.6 s.
+  is the same number; computing it chunk by chunk (:func:`sum_over_chunks`)
+  keeps the working set of each convolution small, which is faster on a CPU
+  for big batches. With XLA's own convolutions (YNNPACK off, as
+  ``experiments.runtime`` sets), the reference ResNet's single-scale b240
+  step at 64^2 took 43.7 s whole and 35.4 s in 4 chunks of 60 images. (With
+  jaxlib's YNNPACK kernels the effect is much larger: a batch-28 step at
+  32^2 went from 4.13 s to 1.57 s in chunks of 8 x 32 x 32.) The chunk loop
+  is unrolled: as a rolled ``lax.scan`` (an XLA while loop) that same
+  batch-28 step took 34.6 s.
   """
   n, pixels = _batch_and_pixels(views)
   c = chunk_size(n, pixels, max_pixels)
@@ -181,15 +184,25 @@ def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None =
   if c == n:
     return vg(params, views)
   k = n // c
-  chunks = jax.tree.map(lambda x: x.reshape((k, c) + x.shape[1:]), views)
-
-  def body(carry, v):
-    value, grad = vg(params, v)
-    return (carry[0] + value, jax.tree.map(jnp.add, carry[1], grad)), None
-
-  zero = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (value, grad), _ = jax.lax.scan(body, zero, chunks, unroll=True)
+  value, grad = sum_over_chunks(lambda v: vg(params, v), views, k)
   return value / k, jax.tree.map(lambda g: g / k, grad)
+
+
+def sum_over_chunks(fn: Callable, batch, num_chunks: int):
+  """``sum_i fn(chunk_i)`` over ``num_chunks`` equal sub-batches of ``batch``.
+
+  The loop is unrolled (see :func:`term_value_and_grad`). It buys speed, not
+  memory: XLA's CPU buffer assignment plans as much working memory for the
+  chunks as for the whole batch (ResNet fwd+bwd, 64 x 32^2: 304 MB whole,
+  311 MB in 8 chunks, with or without an ``optimization_barrier`` chaining
+  the chunks; 38 MB for one chunk alone).
+  """
+  chunks = jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), batch)
+  total = None
+  for i in range(num_chunks):
+    out = fn(jax.tree.map(lambda x: x[i], chunks))
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  return total
 
 
 def mge_value_and_grad(loss_fn: LossFn, params, batches: Sequence[Any],
@@ -314,14 +327,12 @@ def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
     if c == n:
       (_, per_term), g = vg(params, group)
     else:
-      chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), group)
 
-      def body(carry, chunk):
-        (_, t), g = vg(params, chunk)
-        return (carry[0] + t, jax.tree.map(jnp.add, carry[1], g)), None
+      def terms_and_grad(chunk):
+        (_, t), g_chunk = vg(params, chunk)
+        return t, g_chunk
 
-      zero = (jnp.zeros((num_terms,), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (per_term, g), _ = jax.lax.scan(body, zero, chunks, unroll=True)
+      per_term, g = sum_over_chunks(terms_and_grad, group, n // c)
     terms = terms + per_term
     grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
   return jnp.sum(terms), grad, terms
@@ -341,5 +352,5 @@ def combine_level_grads(level_grads):
 
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
-           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS",
+           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS", "sum_over_chunks",
            "mesh_groups", "mge_value_and_grad_by_mesh"]

@@ -71,17 +71,23 @@ def main():
   pool = smooth_images(jax.random.key(1), 64, 32)
   h2 = Hierarchy(levels=2, size=32, base_batch=8)
   stages = fm.full_multiscale_schedule(h2, (2, 2))
-  finals = []
-  for m in (None, mesh):
-    state, _ = fm.train(params=params, stages=stages, hierarchy=h2, loss_fn=mse_loss_fn(model),
-                        sample_fn=sample_fn, data=pool,
-                        make_optimizer=lambda it: optax.adam(1e-2), seed=0, progress=False,
-                        mesh=m)
+  finals, histories = [], []
+  for kwargs in ({}, {"mesh": mesh}, {"level_parallel": True}):
+    state, history = fm.train(params=params, stages=stages, hierarchy=h2,
+                              loss_fn=mse_loss_fn(model), sample_fn=sample_fn, data=pool,
+                              make_optimizer=lambda it: optax.adam(1e-2), seed=0,
+                              progress=False, **kwargs)
     finals.append(state)
-  out["train_max_abs_diff"] = max(
-      float(jnp.max(jnp.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(finals[0].params), jax.tree.leaves(finals[1].params)))
+    histories.append(history)
+
+  def diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y)))
+               for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+
+  out["train_max_abs_diff"] = diff(finals[0], finals[1])
+  out["train_level_parallel_max_abs_diff"] = diff(finals[0], finals[2])
   out["train_work_units"] = [float(f.work_units) for f in finals]
+  out["train_losses"] = [h["loss"] for h in histories]
   # Level parallelism: the 3-level MGE step with its terms on device groups.
   stage = fm.multiscale_schedule(h, 2)[0]
   ref, loss_ref = refs["mge"]

@@ -98,3 +98,24 @@ def test_torch_table_ratios():
 def test_unknown_section_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match="unknown section"):
     benchmark.main(["--config", "smoke", "--sections", "bogus", "--workdir", str(tmp_path)])
+
+
+def test_torch_table_keeps_the_steps_of_a_killed_run():
+  torch_out = {"rows": [{"res": 128, "single_b16": 8.0, "mge4": 20.0,
+                         "errors": {"single_b240": "killed (exit -9; -9 is usually out of "
+                                                   "memory)"}}]}
+  jax_row = {"model": "resnet", "size": 128, "levels": 4, "fastest_mge": "mge4",
+             "single_b16": {"seconds_per_step": 4.0}, "mge4": {"seconds_per_step": 15.0}}
+  table = benchmark.torch_table(torch_out, [jax_row])
+  assert "| 128 | 8 | 20 | killed (exit -9; -9 is usually out of memory) | n/a | 0.50 | 0.75 | " \
+      "n/a |" in table
+
+
+def test_torch_steps_failure_is_recorded_per_kind(tmp_path):
+  pytest.importorskip("torch")
+  twin = tmp_path / "broken_twin.py"
+  twin.write_text("raise RuntimeError('no model here')\n")
+  out = benchmark.bench_torch((8,), 1, twin, same_samples=False)
+  (row,) = out["rows"]
+  assert set(row["errors"]) == {"single_b16", "mge4"}
+  assert "failed" in row["errors"]["mge4"] and "no model here" in row["errors"]["mge4"]

@@ -64,6 +64,27 @@ def test_paper_config_reproduces_table2_work_units():
   assert wu == {"single": 480_000.0, "multiscale": 74_000.0, "full-multiscale": 28_750.0}
 
 
+def test_cpu4_config_has_the_papers_full_multiscale_saving():
+  """cpu4 keeps the paper's 4 levels: single / Full-Multiscale #WU = Eq. 41 / Eq. 47."""
+  from experiments.configs import get_config
+  from mgtrain import full_multiscale as fm
+  from mgtrain import workunits
+  from mgtrain.hierarchy import Hierarchy
+  cfg = get_config("cpu4")
+  h = Hierarchy(levels=cfg.levels, size=cfg.size, base_batch=cfg.base_batch)
+  wu = {s: fm.schedule_work_units(fm.make_schedule(s, h, cfg.iterations, cfg.fms_iterations()))
+        for s in ("single", "full-multiscale")}
+  assert wu["single"] == workunits.single_scale_closed_form(cfg.base_batch, cfg.iterations)
+  assert wu["full-multiscale"] == workunits.full_multiscale_closed_form(
+      cfg.base_batch, cfg.iterations)
+  assert round(float(wu["single"] / wu["full-multiscale"]), 2) == 16.70
+
+
+def test_level_parallel_flag_conflicts():
+  with pytest.raises(SystemExit, match="cannot be combined"):
+    denoise.main(["--config", "smoke", "--level-parallel", "--mge", "by-mesh"])
+
+
 def test_bad_config_name():
   with pytest.raises(SystemExit):
     denoise.main(["--config", "huge"])

@@ -43,6 +43,16 @@ def test_train_with_a_mesh_matches_one_device(eight_device_result):
   assert r["train_work_units"][0] == r["train_work_units"][1]
 
 
+def test_train_with_level_parallelism_matches_one_device(eight_device_result):
+  """A 2-stage Full-Multiscale fm.train run with every stage's terms on device groups."""
+  r = eight_device_result
+  assert r["train_level_parallel_max_abs_diff"] <= 1e-5
+  assert r["train_work_units"][0] == r["train_work_units"][2]
+  one, _, lp = r["train_losses"]
+  assert len(lp) == len(one) == 4
+  assert lp == pytest.approx(one, rel=1e-5, abs=1e-7)
+
+
 def test_level_parallel_step_matches_one_device(eight_device_result):
   """Terms on device groups 4/2/2 give the one-device MGE update."""
   out = eight_device_result["level_parallel"]
@@ -79,3 +89,16 @@ def test_level_groups_follow_term_costs_and_errors():
     level_parallel.group_sizes(stage, 3)
   with pytest.raises(HierarchyError, match="one device group per level"):
     level_parallel.LevelParallelStep(stage, None, None, None, None, [jax.devices()])
+
+
+def test_train_level_parallel_errors():
+  from mgtrain import full_multiscale as fm
+  from mgtrain.hierarchy import Hierarchy, HierarchyError
+  h = Hierarchy(levels=2, size=16, base_batch=2)
+  stages = fm.multiscale_schedule(h, 1)
+  kwargs = dict(params={"w": jax.numpy.zeros(2)}, stages=stages, hierarchy=h, loss_fn=None,
+                sample_fn=None, data=None, make_optimizer=None, progress=False)
+  with pytest.raises(ValueError, match="cannot be combined"):
+    fm.train(level_parallel=True, fuse_meshes=True, **kwargs)
+  with pytest.raises(HierarchyError, match="one device per level"):
+    fm.train(level_parallel=jax.devices()[:1], **kwargs)
