@@ -368,9 +368,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         bar.update(1)
         return wu
 
-      for k in range(int(bounds[s]) + step_in_stage, int(bounds[s + 1])):
+      first = int(bounds[s]) + step_in_stage
+      for k in range(first, int(bounds[s + 1])):
         state, metrics = compiled(state, stage_data)
-        if lp_devices is not None and pending is None and k == int(bounds[s]) + step_in_stage:
+        if lp_devices is not None and k == first:
           # The level-parallel programs compiled during this first step.
           jax.block_until_ready(metrics)
           history["compile_seconds"][s] += time.perf_counter() - t_stage
