@@ -39,3 +39,42 @@ def test_opt_outs(monkeypatch):
 def test_version_parse():
   assert runtime._jaxlib_at_least(0, 0)
   assert not runtime._jaxlib_at_least(99, 0)
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "MGTRAIN_SYSTEM_MALLOC")}
+  env.update(extra)
+  return env
+
+
+def test_huge_pages_env_keeps_user_tunables_and_respects_opt_outs():
+  assert runtime.huge_pages_env(_clean_env(MGTRAIN_SYSTEM_MALLOC="1")) is None
+  # A hugetlb setting of the user's own (any value) is left alone; so is the
+  # re-executed child, which sees the one we set.
+  assert runtime.huge_pages_env(_clean_env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")) is None
+  env = runtime.huge_pages_env(_clean_env(GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
+  if env is not None:   # Linux, glibc >= 2.35, THP not off
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + runtime.HUGE_PAGES_TUNABLE
+    assert runtime.huge_pages_env(env) is None
+
+
+def test_experiment_cli_reexecutes_once_with_huge_pages():
+  import subprocess
+  import sys
+  wanted = runtime.huge_pages_env(_clean_env()) is not None
+  out = subprocess.run([sys.executable, "-m", "experiments.runtime"], env=_clean_env(),
+                       capture_output=True, text=True, check=True).stdout
+  assert out.count("GLIBC_TUNABLES=") == 1   # printed once: one re-exec, no loop
+  assert (f"GLIBC_TUNABLES={runtime.HUGE_PAGES_TUNABLE}\n" in out) == wanted
+  out = subprocess.run([sys.executable, "-m", "experiments.runtime"],
+                       env=_clean_env(MGTRAIN_SYSTEM_MALLOC="1"), capture_output=True,
+                       text=True, check=True).stdout
+  assert "GLIBC_TUNABLES=\n" in out
+
+
+def test_importing_runtime_outside_a_cli_does_not_reexec(monkeypatch):
+  # This test process is pytest, not an experiments CLI: nothing may restart it.
+  assert not runtime._running_experiment_cli()
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  runtime.maybe_reexec_with_huge_pages()   # returns (jax is imported here anyway)
