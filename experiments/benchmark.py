@@ -79,6 +79,7 @@ from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import chunk_size, level_views
+from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv
 from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
@@ -207,7 +208,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
       hierarchy = Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch,
                             restriction="nearest")
       pool = jax.random.uniform(jax.random.key(1), (512, size, size, 3), minval=-1, maxval=1)
-      params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
+      params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                           jnp.zeros((1,)))
       total = hierarchy.total_batch
       mge_stage = fm.multiscale_schedule(hierarchy, 1)[0]
       stages = {f"single_b{config.base_batch}": (fm.Stage((0,), (config.base_batch,), 1),
@@ -351,7 +353,7 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
   for size in config.loss_eval_sizes:
     h = table1_hierarchy(size, config.loss_eval_images)
     key = jax.random.key(size)
-    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
+    params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
 
     def batch_of(k, n):
       pool = jax.random.uniform(k, (n, size, size, 3), minval=-1, maxval=1)
@@ -437,8 +439,8 @@ def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps:
   h = Hierarchy(levels=config.levels, size=config.size, base_batch=config.base_batch,
                 batch_growth=config.batch_growth, restriction="nearest")
   stage = fm.multiscale_schedule(h, steps)[0]
-  params = net.init(jax.random.key(0), jnp.zeros((1, config.size, config.size, 3)),
-                    jnp.zeros((1,)))
+  params = init_params(net, jax.random.key(0), jnp.zeros((1, config.size, config.size, 3)),
+                       jnp.zeros((1,)))
   out = {"denoise_config": denoise_config, "model": model, "data": data.description,
          "steps": steps, "batch_sizes": list(stage.batch_sizes)}
 

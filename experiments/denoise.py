@@ -44,6 +44,7 @@ from mgtrain import parallel
 from mgtrain.checkpoint import Checkpointer
 from mgtrain.data import patches, sources, tasks
 from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy
+from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv
 from mgtrain.nn.resnet import ResNet, count_params
 
@@ -161,8 +162,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   stages = fm.make_schedule(strategy, hierarchy, config.iterations,
                             config.fms_iterations(levels))
   model = build_model(model_name)
-  params = model.init(jax.random.PRNGKey(config.seed),
-                      jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)))
+  params = init_params(model, jax.random.PRNGKey(config.seed),
+                       jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)))
   apply_fn = model.apply
 
   def eval_fn(p):

@@ -37,6 +37,7 @@ from experiments.benchmark import BENCH_MODELS, _bench_model, _time_stage
 from experiments.denoise import make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
+from mgtrain.nn import init_params
 
 
 def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
@@ -46,7 +47,7 @@ def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode:
   model = _bench_model(model_name)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
            else fm.multiscale_schedule(h, 1)[0])
   fuse = mode == "by-mesh" and not single_batch
