@@ -42,6 +42,9 @@ Sections (``--sections``):
 * ``pipeline`` (item 1f, not in the default sections): steps/s of a real
   training loop on photographs vs the same step on pre-staged batches; see
   :func:`bench_pipeline`.
+* ``first-step`` (compile time, not in the default sections): a fresh
+  process's time to its first UNet MGE step at 64^2, with an empty and then
+  a warm persistent compilation cache; see :func:`bench_first_step`.
 
 Usage::
 
@@ -85,7 +88,7 @@ from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
 from mgtrain.transform import multiscale
 
-SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline")
+SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline", "first-step")
 DEFAULT_SECTIONS = ("steps", "mfc", "torch")
 # ../shared/bench/torch_twin.py beside the checkout (DEVELOPERS.md).
 DEFAULT_TORCH_TWIN = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_twin.py"
@@ -116,6 +119,9 @@ class BenchConfig:
   denoise_config: str = "cpu"    # for time-to-mse
   loss_eval_sizes: tuple[int, ...] = (64, 32, 16)   # finest meshes of loss-eval
   loss_eval_images: int = 512
+  # first-step: the issue's compile-time target is the UNet's MGE step at 64^2.
+  first_step_models: tuple[str, ...] = ("unet",)
+  first_step_size: int = 64
 
 
 CONFIGS = {
@@ -125,7 +131,7 @@ CONFIGS = {
     # A 64^2 single b240 step takes about a minute on 2 CPU cores.
     "cpu": BenchConfig("cpu", (64,), 4, 16, ("resnet",), 3, (64, 128, 256), (32, 128), 16),
     "smoke": BenchConfig("smoke", (16,), 2, 1, ("resnet",), 2, (16,), (8,), 2, "smoke",
-                         (32, 16), 24),
+                         (32, 16), 24, ("resnet",), 16),
 }
 
 
@@ -157,6 +163,20 @@ def _memory(compiled) -> dict:
   return {"temp_bytes": int(stats.temp_size_in_bytes), "peak_bytes": int(peak)}
 
 
+def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
+                  chunk_pixels: int | None, fuse_meshes: bool = False):
+  """The jitted denoising train step of ``stage`` (Adam 1e-4 under
+  :func:`mgtrain.transform.multiscale`) and a fresh state for it.
+
+  The step donates its state, which holds copies of ``params``
+  (:func:`mgtrain.full_multiscale.fresh_state`).
+  """
+  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
+  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
+                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
+  return jax.jit(step, donate_argnums=0), fm.fresh_state(params, seed=0, tx=tx)
+
+
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                 repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
                 compiler_options: dict | None = None) -> dict:
@@ -165,12 +185,7 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   ``compile_seconds`` is lowering plus compilation (``lower_seconds`` is the
   first part); ``compiler_options`` are XLA options for this program only.
   """
-  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
-  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
-                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
-  params = jax.tree.map(jnp.copy, params)   # the step donates its state
-  state = fm.init_state(params, seed=0, opt_state=tx.init(params))
-  jitted = jax.jit(step, donate_argnums=0)
+  jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes)
   t0 = time.perf_counter()
   lowered = jitted.lower(state, pool)
   lower_s = time.perf_counter() - t0
@@ -272,6 +287,66 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
                                                / row["conv3x3_forward_backward"])
       rows.append(row)
   return rows
+
+
+def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
+                     progress=print) -> list[dict]:
+  """Section ``first-step``: a fresh process's time to its first training step.
+
+  For each model, ``python -m experiments.first_step`` runs twice in new
+  processes: with an empty persistent compilation cache (``cold``), then
+  with the cache that run filled (``warm``), as a user's first and second
+  run would. The child reports ``since_start`` (its time from its first line
+  to the end of the first step) and ``phases``: imports, init, trace and
+  lower, compile and the first step. ``wall_to_exit`` is measured here,
+  from spawning the process to its exit, so it also holds interpreter
+  start-up and teardown. ``cache_dir`` is emptied first.
+  """
+  import shutil
+  rows = []
+  for model_name in config.first_step_models:
+    cache = cache_dir / model_name
+    shutil.rmtree(cache, ignore_errors=True)
+    row = {"model": model_name, "size": config.first_step_size, "levels": config.levels,
+           "base_batch": config.base_batch, "mge": mode}
+    for run in ("cold", "warm"):
+      progress(f"  first step, {model_name} {config.first_step_size}^2 {mode}, {run} cache ...")
+      cmd = [sys.executable, "-m", "experiments.first_step", "--model", model_name,
+             "--size", str(config.first_step_size), "--levels", str(config.levels),
+             "--base-batch", str(config.base_batch), "--mge", mode,
+             "--compile-cache", str(cache)] + (["--device", device] if device else [])
+      t0 = time.perf_counter()
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).resolve().parents[1])
+      wall = time.perf_counter() - t0
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+      if proc.returncode or not lines:
+        row[run] = {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        continue
+      child = json.loads(lines[-1])
+      row[run] = {"wall_to_exit": wall, **child}
+      progress(f"    {child['before_first_step']:.1f} s before the first step "
+               f"({', '.join(f'{k} {v:.1f}' for k, v in child['phases'].items())})")
+    rows.append(row)
+  return rows
+
+
+def first_step_table(rows: list[dict]) -> str:
+  lines = ["| model | res | step | cache | imports s | init s | trace+lower s | compile s | "
+           "first step s | time to first step s (in process) | process wall s |",
+           "|---" * 11 + "|"]
+  for r in rows:
+    for run in ("cold", "warm"):
+      c = r.get(run, {})
+      if "phases" not in c:
+        lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {run} | "
+                     f"{c.get('error', 'not run')} |" + " |" * 6)
+        continue
+      ph = c["phases"]
+      lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {run} | {ph['imports']:.1f} | "
+                   f"{ph['init']:.1f} | {ph['trace_and_lower']:.1f} | {ph['compile']:.1f} | "
+                   f"{ph['first_step']:.2f} | {c['since_start']:.1f} | {c['wall_to_exit']:.1f} |")
+  return "\n".join(lines)
 
 
 def bench_torch(sizes, repeats: int, twin: Path, progress=print, same_samples: bool = True,
@@ -751,6 +826,12 @@ def main(argv=None) -> dict:
     out["pipeline"] = bench_pipeline(config.denoise_config, args.ttm_model, args.ttm_data_dir,
                                      steps, chunk, backend == "gpu", progress)
     md += ["", pipeline_table(out["pipeline"])]
+  if "first-step" in args.sections:
+    mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
+    out["first_step"] = bench_first_step(config, mode, args.device,
+                                         workdir / "first_step_cache", progress)
+    md += ["", "Time to the first training step of a fresh process (cold: empty persistent "
+           "compilation cache; warm: a second run)", "", first_step_table(out["first_step"])]
   if "mfc" in args.sections:
     out["mfc"] = bench_mfc(config, progress)
     md += ["", f"Mesh-free conv vs 3x3 conv, batch {config.mfc_batch}", "",

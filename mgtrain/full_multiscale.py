@@ -164,6 +164,19 @@ def init_state(params, seed: int, opt_state=None, level: int = 0) -> TrainState:
       work_units=jnp.zeros([], jnp.float32))
 
 
+def fresh_state(params, seed: int, tx: optax.GradientTransformation,
+                level: int = 0) -> TrainState:
+  """``init_state(copy of params, seed, tx.init(params), level)`` as one jitted program.
+
+  The parameters are copied, so a step that donates its state leaves the
+  caller's arrays alive. Run eagerly, the copies and the optimizer's
+  ``zeros_like`` are one small compilation per leaf: 2.0 s for the
+  reference UNet on a 2-core CPU, 0.6 s as one program.
+  """
+  return jax.jit(lambda p: init_state(jax.tree.map(jnp.copy, p), seed, tx.init(p), level))(
+      params)
+
+
 def carry_inner_state(previous, fresh):
   """The inner optimizer state a new Full-Multiscale stage starts from.
 
@@ -302,9 +315,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
   history = {"step": [], "loss": [], "work_units": [], "level": [], "evals": [],
              "compile_seconds": [0.0] * len(stages),
              "train_seconds": [0.0] * len(stages)}
-  # The step donates its state; copy so the caller's arrays survive.
-  params = jax.tree.map(jnp.array, params)
-  state = init_state(params, seed, optimizers[0].init(params), stages[0].mesh_level)
+  state = fresh_state(params, seed, optimizers[0], stages[0].mesh_level)
 
   if checkpointer is not None and checkpointer.latest_step() is not None:
     step = checkpointer.latest_step()
@@ -330,7 +341,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       if step_in_stage == 0 and s > 0:
         # Hot start (Algorithm 2): keep the parameters; the optimizer state
         # is carried over or started afresh (see ``carry_optimizer``).
-        fresh = optimizers[s].init(state.params)
+        fresh = jax.jit(optimizers[s].init)(state.params)
         if carry_optimizer:
           fresh = fresh._replace(
               inner_state=carry_inner_state(state.opt_state.inner_state, fresh.inner_state))

@@ -119,3 +119,18 @@ def test_torch_steps_failure_is_recorded_per_kind(tmp_path):
   (row,) = out["rows"]
   assert set(row["errors"]) == {"single_b16", "mge4"}
   assert "failed" in row["errors"]["mge4"] and "no model here" in row["errors"]["mge4"]
+
+
+def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
+  out = benchmark.main(["--config", "smoke", "--sections", "first-step", "--mge", "by-mesh",
+                        "--workdir", str(tmp_path)])
+  (row,) = out["first_step"]
+  assert row["model"] == "resnet" and row["mge"] == "by-mesh"
+  for run in ("cold", "warm"):
+    phases = row[run]["phases"]
+    assert set(phases) == {"imports", "init", "trace_and_lower", "compile", "first_step"}
+    assert all(v > 0 for v in phases.values())
+    assert row[run]["compile_cache"] == str(tmp_path / "first_step_cache" / "resnet")
+  # The cold run filled the persistent cache the warm run read.
+  assert any((tmp_path / "first_step_cache" / "resnet").iterdir())
+  assert "| resnet | 16 | by-mesh | warm |" in (tmp_path / "benchmark.md").read_text()

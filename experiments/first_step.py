@@ -1,0 +1,102 @@
+"""Time to the first training step of a fresh process (issue 8: compile time).
+
+What a user waits for before training starts: Python and jax imports, the
+model's initialisation, tracing and lowering the step, XLA compilation (or
+loading it from JAX's persistent compilation cache), and the first step
+itself. The step is the benchmark's denoising train step
+(:func:`experiments.benchmark.stage_program`): a ``--levels``-level MGE step
+with batches ``N0, 2 N0, ...``, or single-scale batch ``N0`` with
+``--mge single``.
+
+Prints one JSON line with each phase in seconds, ``since_start`` (from this
+module's first line, after the interpreter and any re-exec of
+:mod:`experiments.runtime`) and the cache directory used.
+``python -m experiments.benchmark --sections first-step`` runs this twice in
+fresh processes, with an empty cache and then a warm one.
+
+Usage::
+
+  python -m experiments.first_step --model unet --size 64 --compile-cache /tmp/cache
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from experiments import runtime  # noqa: E402,F401  (process set-up before jax)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(prog="python -m experiments.first_step", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="unet")
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--levels", type=int, default=4)
+  p.add_argument("--base-batch", type=int, default=16)
+  p.add_argument("--mge", choices=("by-mesh", "terms", "single"), default="by-mesh")
+  p.add_argument("--chunk-pixels", type=int, default=0, help="0: no chunking")
+  p.add_argument("--device", choices=("cpu", "gpu"), default=None)
+  p.add_argument("--compile-cache", default="",
+                 help="persistent compilation cache directory ('' = none: a cold compile)")
+  args = p.parse_args(argv)
+
+  import jax
+  if args.device:
+    jax.config.update("jax_platforms", args.device if args.device == "cpu" else "cuda")
+  runtime.enable_compilation_cache(args.compile_cache)
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments.benchmark import BENCH_MODELS, _bench_model, stage_program
+  from experiments.denoise import make_loss_fn
+  from mgtrain import full_multiscale as fm
+  from mgtrain.hierarchy import Hierarchy
+  from mgtrain.nn import init_params
+  if args.model not in BENCH_MODELS:
+    raise SystemExit(f"unknown model {args.model!r}; choose from {BENCH_MODELS}")
+
+  phases = {"imports": time.perf_counter() - _T_START}
+  t = time.perf_counter()
+  model = _bench_model(args.model)
+  size = args.size
+  hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
+                        restriction="nearest")
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                       jnp.zeros((1,)))
+  jax.block_until_ready(params)
+  # A real run device_puts its photographs; drawing the pool with jax.random
+  # would add a compilation a real run does not have.
+  pool = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (64, size, size, 3)), jnp.float32)
+  phases["init"] = time.perf_counter() - t
+
+  stage = (fm.Stage((0,), (args.base_batch,), 1) if args.mge == "single"
+           else fm.multiscale_schedule(hierarchy, 1)[0])
+  t = time.perf_counter()
+  jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params,
+                                args.chunk_pixels or None, fuse_meshes=args.mge == "by-mesh")
+  lowered = jitted.lower(state, pool)
+  phases["trace_and_lower"] = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  phases["compile"] = time.perf_counter() - t
+  t = time.perf_counter()
+  state, metrics = compiled(state, pool)
+  jax.block_until_ready(metrics["loss"])
+  phases["first_step"] = time.perf_counter() - t
+  out = {"model": args.model, "size": size, "levels": args.levels, "mge": args.mge,
+         "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
+         "phases": phases, "before_first_step": sum(v for k, v in phases.items()
+                                                    if k != "first_step"),
+         "since_start": time.perf_counter() - _T_START}
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
