@@ -164,14 +164,20 @@ def _memory(compiled) -> dict:
 
 
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
-                  chunk_pixels: int | None, fuse_meshes: bool = False):
+                  chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
 
   The step donates its state, which holds copies of ``params``
-  (:func:`mgtrain.full_multiscale.fresh_state`).
+  (:func:`mgtrain.full_multiscale.fresh_state`). With ``accumulate=k`` the
+  inner optimizer is ``optax.MultiSteps(adam, k)``: ``k`` calls accumulate
+  their gradients and the ``k``-th applies one Adam update, i.e. one step on
+  ``k`` times the stage's samples.
   """
-  tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
+  inner = optax.adam(1e-4)
+  if accumulate > 1:
+    inner = optax.MultiSteps(inner, every_k_schedule=accumulate).gradient_transformation()
+  tx = multiscale(inner, len(stage.levels), level_terms=not fuse_meshes)
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
                             max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
   return jax.jit(step, donate_argnums=0), fm.fresh_state(params, seed=0, tx=tx)
@@ -179,13 +185,17 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
 
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                 repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
-                compiler_options: dict | None = None) -> dict:
+                compiler_options: dict | None = None, accumulate: int = 1) -> dict:
   """Median seconds per step of ``stage``'s train step, after an awaited warm-up.
 
   ``compile_seconds`` is lowering plus compilation (``lower_seconds`` is the
   first part); ``compiler_options`` are XLA options for this program only.
+  With ``accumulate=k`` one step is ``k`` calls of the stage's program with
+  gradient accumulation (:func:`stage_program`), timed together: a step on
+  ``k`` times the stage's batch whose working memory is that of one call.
   """
-  jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes)
+  jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
+                                accumulate)
   t0 = time.perf_counter()
   lowered = jitted.lower(state, pool)
   lower_s = time.perf_counter() - t0
@@ -194,27 +204,59 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   holder = {"state": compiled(state, pool)[0]}   # warm-up
 
   def one():
-    holder["state"], metrics = compiled(holder["state"], pool)
+    for _ in range(accumulate):
+      holder["state"], metrics = compiled(holder["state"], pool)
     return metrics["loss"]
 
   # Block on the warm-up: dispatch is asynchronous, and an unfinished warm-up
   # would be counted in the first timed call.
   jax.block_until_ready(one())
   median, times = _median_seconds(one, repeats)
-  return {"levels": list(stage.levels), "batch_sizes": list(stage.batch_sizes),
-          "work_units_per_step": float(stage.work_units_per_step),
-          "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
-          "compile_seconds": compile_s, "seconds_per_step": median, "samples": times,
-          **_memory(compiled)}
+  out = {"levels": list(stage.levels),
+         "batch_sizes": [n * accumulate for n in stage.batch_sizes],
+         "work_units_per_step": float(stage.work_units_per_step) * accumulate,
+         "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
+         "compile_seconds": compile_s, "seconds_per_step": median, "samples": times,
+         **_memory(compiled)}
+  if accumulate > 1:
+    out.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
+  return out
+
+
+def memory_budget_bytes() -> int:
+  """Memory one step may plan: the device's limit where the backend reports
+  one (GPUs), else the host's physical memory (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> int:
+  """Micro-batches ``k`` (a divisor of ``total``) so one call of a ``total``
+  batch split ``k`` ways plans at most a third of ``budget``; 1 when the
+  whole batch plans at most two thirds of it (or nothing is known).
+
+  >>> accumulation_for(75 * 2**30, 240, 24 * 2**30), accumulation_for(16 * 2**30, 240, 24 * 2**30)
+  (10, 1)
+  """
+  if not estimated_bytes or estimated_bytes <= 2 * budget / 3:
+    return 1
+  return min(k for k in range(2, total + 1)
+             if total % k == 0 and estimated_bytes / k <= budget / 3)
 
 
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
-                progress=print, on_row=lambda rows: None, same_samples: bool = True
-                ) -> list[dict]:
+                progress=print, on_row=lambda rows: None, same_samples: bool = True,
+                accumulate_same: int = 0) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
   statistics kept) and/or ``by-mesh`` (one pass per mesh). ``same_samples=False``
   leaves out single-scale on the MGE step's samples (the slowest step), and
-  with it the speed, #WU and memory ratios."""
+  with it the speed, #WU and memory ratios. That step is split into
+  ``accumulate_same`` micro-batches with gradient accumulation (0: only when
+  its planned memory, estimated from the batch-``N0`` step, would not fit;
+  see :func:`accumulation_for`); it is still one optimizer step on the same
+  samples, and its time is that of all its calls."""
   rows = []
   for model_name in config.models:
     model = _bench_model(model_name)
@@ -235,9 +277,21 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
       for key, (stage, fuse) in stages.items():
-        progress(f"  {model_name} {size}^2 {key} ...")
+        accumulate = 1
+        if key == f"single_b{total}":
+          # Planned memory grows linearly with the batch: estimate it from the
+          # batch-N0 step, and split the batch where it would not fit.
+          small = row[f"single_b{config.base_batch}"]["temp_bytes"]
+          estimate = small * total // config.base_batch if small else None
+          accumulate = accumulate_same or accumulation_for(estimate, total,
+                                                           memory_budget_bytes())
+          if accumulate > 1:
+            row["single_same_estimated_temp_bytes"] = estimate
+            stage = fm.Stage((0,), (total // accumulate,), 1)
+        progress(f"  {model_name} {size}^2 {key} ..."
+                 + (f" (in {accumulate} accumulated micro-batches)" if accumulate > 1 else ""))
         row[key] = _time_stage(stage, hierarchy, loss_fn, params, pool, config.repeats,
-                               chunk_pixels, fuse)
+                               chunk_pixels, fuse, accumulate=accumulate)
         progress(f"    {row[key]['seconds_per_step'] * 1e3:.2f} ms/step, compile "
                  f"{row[key]['compile_seconds']:.1f} s, temp {row[key]['temp_bytes']} B")
       mge_key = min((_mge_key(config.levels, m) for m in mge_modes),
@@ -251,7 +305,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
       same = row[f"single_b{total}"]
       row["speed_ratio"] = same["seconds_per_step"] / mge["seconds_per_step"]
       row["wu_ratio"] = same["work_units_per_step"] / mge["work_units_per_step"]
-      if mge["temp_bytes"] and same["temp_bytes"]:
+      if mge["temp_bytes"] and same["temp_bytes"] and "accumulated_in" not in same:
         row["memory_ratio"] = mge["temp_bytes"] / same["temp_bytes"]
       rows.append(row)
       on_row(rows)
@@ -684,8 +738,10 @@ def steps_table(rows: list[dict]) -> str:
            "working memory mge / single-same |",
            "|---" * (len(keys) + 5) + "|"]
   for r in rows:
-    cells = " | ".join(f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
-                       for k in keys)
+    cells = " | ".join(
+        f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
+        + (f", {r[k]['accumulated_in']} x b{r[k]['micro_batch_sizes'][0]} accumulated"
+           if "accumulated_in" in r[k] else "") for k in keys)
     mem = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "n/a"
     speed = f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "n/a"
     wu_ratio = f"{r['wu_ratio']:.2f}x" if "wu_ratio" in r else "n/a"
@@ -729,6 +785,9 @@ def parse_args(argv=None):
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
                       "(b240, the slowest step; the ratios against it are then n/a)")
+  p.add_argument("--same-samples-accumulate", type=int, default=0,
+                 help="steps: split single-scale on the MGE step's samples into this many "
+                      "accumulated micro-batches (0: only where it would not fit in memory)")
   p.add_argument("--torch-twin", type=Path, default=DEFAULT_TORCH_TWIN,
                  help="the PyTorch twin script for section 'torch' (default: %(default)s)")
   p.add_argument("--ttm-config", default=None, choices=sorted(DENOISE_CONFIGS),
@@ -802,7 +861,8 @@ def main(argv=None) -> dict:
 
   if "steps" in args.sections:
     out["steps"] = bench_steps(config, chunk, tuple(args.mge), progress, on_row=save,
-                               same_samples=not args.skip_same_samples)
+                               same_samples=not args.skip_same_samples,
+                               accumulate_same=args.same_samples_accumulate)
     md += ["", steps_table(out["steps"])]
   if "torch" in args.sections:
     out["torch"] = bench_torch(config.sizes, config.repeats, args.torch_twin, progress,

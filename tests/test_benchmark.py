@@ -134,3 +134,25 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
   # The cold run filled the persistent cache the warm run read.
   assert any((tmp_path / "first_step_cache" / "resnet").iterdir())
   assert "| resnet | 16 | by-mesh | warm |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_same_samples_step_split_into_accumulated_micro_batches(tmp_path):
+  out = benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "steps",
+                        "--mge", "by-mesh", "--same-samples-accumulate", "3",
+                        "--workdir", str(tmp_path)])
+  (row,) = out["steps"]
+  same = row["single_b3"]
+  # One optimizer step on the same 3 samples, as 3 calls of batch 1.
+  assert same["accumulated_in"] == 3 and same["micro_batch_sizes"] == [1]
+  assert same["batch_sizes"] == [3]
+  assert same["work_units_per_step"] == pytest.approx(row["single_b1"]["work_units_per_step"] * 3)
+  assert "memory_ratio" not in row and row["speed_ratio"] > 0
+  assert "3 x b1 accumulated" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_accumulation_only_where_the_whole_batch_would_not_fit():
+  gib = 2 ** 30
+  assert benchmark.accumulation_for(None, 240, 24 * gib) == 1
+  assert benchmark.accumulation_for(16 * gib, 240, 24 * gib) == 1
+  k = benchmark.accumulation_for(75 * gib, 240, 24 * gib)
+  assert 240 % k == 0 and 75 * gib / k <= 8 * gib and 75 * gib / (k - 1) > 8 * gib
