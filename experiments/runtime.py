@@ -30,6 +30,19 @@
   unset re-executes itself once with it set (:func:`maybe_reexec_with_huge_pages`),
   before jax is imported. ``MGTRAIN_SYSTEM_MALLOC=1`` opts out. Your own
   program gets the same by starting Python with that variable set.
+
+  Measured and *not* made the default: keeping freed memory in the process
+  (``glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=281474976710655:glibc.malloc.arena_max=1``,
+  so nothing is faulted in again after the first step). Two runs each
+  (2026-12-02, one process per setting, settings interleaved):
+  the mesh-free conv's fwd+bwd at 128 channels, 256^2, batch 16 took a
+  median 2.5-2.9 s against 6.1-7.3 s with huge pages alone, but the
+  4-level ResNet MGE step at 64^2 was not faster (2.11 / 4.65 s against
+  2.48 / 1.90 s), compiles took 1.2-1.8x longer (one arena serialises
+  malloc across XLA's threads), and peak RSS rose from 4.7 GB to 8.7 GB
+  (fragmentation, which matters at 256^2 in 24 GB). Without
+  ``arena_max=1`` the gain vanished. For an MFC-heavy job with memory to
+  spare, set that ``GLIBC_TUNABLES`` yourself; it wins over ours.
 * JAX's persistent compilation cache, so a second run of the same program
   skips most of its compile time.
 
