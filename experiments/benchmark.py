@@ -43,8 +43,9 @@ Sections (``--sections``):
   training loop on photographs vs the same step on pre-staged batches; see
   :func:`bench_pipeline`.
 * ``first-step`` (compile time, not in the default sections): a fresh
-  process's time to its first UNet MGE step at 64^2, with an empty and then
-  a warm persistent compilation cache; see :func:`bench_first_step`.
+  process's time to its first UNet MGE step at 64^2: with empty caches, with
+  a warm persistent compilation cache, and with mgtrain's step cache as
+  well; see :func:`bench_first_step`.
 
 Usage::
 
@@ -164,7 +165,8 @@ def _memory(compiled) -> dict:
 
 
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
-                  chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1):
+                  chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1,
+                  step_cache=None, cache_key: str = ""):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
 
@@ -172,7 +174,9 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   (:func:`mgtrain.full_multiscale.fresh_state`). With ``accumulate=k`` the
   inner optimizer is ``optax.MultiSteps(adam, k)``: ``k`` calls accumulate
   their gradients and the ``k``-th applies one Adam update, i.e. one step on
-  ``k`` times the stage's samples.
+  ``k`` times the stage's samples. ``step_cache`` (with ``cache_key``
+  naming the model) builds the state through a
+  :class:`mgtrain.step_cache.StepCache`.
   """
   inner = optax.adam(1e-4)
   if accumulate > 1:
@@ -180,7 +184,10 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   tx = multiscale(inner, len(stage.levels), level_terms=not fuse_meshes)
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
                             max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
-  return jax.jit(step, donate_argnums=0), fm.fresh_state(params, seed=0, tx=tx)
+  state = fm.fresh_state(params, seed=0, tx=tx, step_cache=step_cache,
+                         cache_key=(f"experiments.benchmark adam 1e-4 {cache_key} levels="
+                                    f"{len(stage.levels)} fuse={fuse_meshes} accumulate={accumulate}"))
+  return jax.jit(step, donate_argnums=0), state
 
 
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
@@ -343,18 +350,30 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   return rows
 
 
+FIRST_STEP_RUNS = ("cold", "warm", "warm_step_cache")
+
+
 def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
                      progress=print) -> list[dict]:
   """Section ``first-step``: a fresh process's time to its first training step.
 
-  For each model, ``python -m experiments.first_step`` runs twice in new
-  processes: with an empty persistent compilation cache (``cold``), then
-  with the cache that run filled (``warm``), as a user's first and second
-  run would. The child reports ``since_start`` (its time from its first line
-  to the end of the first step) and ``phases``: imports, init, trace and
-  lower, compile and the first step. ``wall_to_exit`` is measured here,
-  from spawning the process to its exit, so it also holds interpreter
-  start-up and teardown. ``cache_dir`` is emptied first.
+  For each model, ``python -m experiments.first_step`` runs three times in
+  new processes, as a user's first and later runs would:
+
+  * ``cold``: empty caches; it fills JAX's persistent compilation cache and
+    a :class:`mgtrain.step_cache.StepCache` (its ``compile`` phase includes
+    writing the step, under a second for the UNet).
+  * ``warm``: the persistent compilation cache alone. The process still
+    traces and lowers the step; the cache replaces XLA's compile.
+  * ``warm_step_cache``: both caches; the step cache's hit skips tracing,
+    lowering and compiling.
+
+  The child reports ``since_start`` (its time from its first line to the
+  end of the first step) and ``phases``: imports, init, the train state,
+  trace and lower, compile (or the step's load) and the first step.
+  ``wall_to_exit`` is measured here, from spawning the process to its exit,
+  so it also holds interpreter start-up and teardown. ``cache_dir`` is
+  emptied first.
   """
   import shutil
   rows = []
@@ -363,12 +382,14 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
     shutil.rmtree(cache, ignore_errors=True)
     row = {"model": model_name, "size": config.first_step_size, "levels": config.levels,
            "base_batch": config.base_batch, "mge": mode}
-    for run in ("cold", "warm"):
-      progress(f"  first step, {model_name} {config.first_step_size}^2 {mode}, {run} cache ...")
+    for run in FIRST_STEP_RUNS:
+      progress(f"  first step, {model_name} {config.first_step_size}^2 {mode}, {run} ...")
+      step_cache = [] if run == "warm" else ["--step-cache", str(cache / "steps")]
       cmd = [sys.executable, "-m", "experiments.first_step", "--model", model_name,
              "--size", str(config.first_step_size), "--levels", str(config.levels),
              "--base-batch", str(config.base_batch), "--mge", mode,
-             "--compile-cache", str(cache)] + (["--device", device] if device else [])
+             "--compile-cache", str(cache / "xla"), *step_cache] + (
+                 ["--device", device] if device else [])
       t0 = time.perf_counter()
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parents[1])
@@ -386,19 +407,23 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
 
 
 def first_step_table(rows: list[dict]) -> str:
-  lines = ["| model | res | step | cache | imports s | init s | trace+lower s | compile s | "
-           "first step s | time to first step s (in process) | process wall s |",
-           "|---" * 11 + "|"]
+  labels = {"cold": "cold", "warm": "warm (XLA cache)",
+            "warm_step_cache": "warm (XLA + step cache)"}
+  lines = ["| model | res | step | run | imports s | init s | state s | trace+lower s | "
+           "compile or load s | first step s | time to first step s (in process) | "
+           "process wall s |",
+           "|---" * 12 + "|"]
   for r in rows:
-    for run in ("cold", "warm"):
+    for run in FIRST_STEP_RUNS:
       c = r.get(run, {})
       if "phases" not in c:
-        lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {run} | "
-                     f"{c.get('error', 'not run')} |" + " |" * 6)
+        lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
+                     f"{c.get('error', 'not run')} |" + " |" * 7)
         continue
       ph = c["phases"]
-      lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {run} | {ph['imports']:.1f} | "
-                   f"{ph['init']:.1f} | {ph['trace_and_lower']:.1f} | {ph['compile']:.1f} | "
+      lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
+                   f"{ph['imports']:.1f} | {ph['init']:.1f} | {ph['state']:.1f} | "
+                   f"{ph['trace_and_lower']:.1f} | {ph['compile']:.1f} | "
                    f"{ph['first_step']:.2f} | {c['since_start']:.1f} | {c['wall_to_exit']:.1f} |")
   return "\n".join(lines)
 
@@ -890,8 +915,9 @@ def main(argv=None) -> dict:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
     out["first_step"] = bench_first_step(config, mode, args.device,
                                          workdir / "first_step_cache", progress)
-    md += ["", "Time to the first training step of a fresh process (cold: empty persistent "
-           "compilation cache; warm: a second run)", "", first_step_table(out["first_step"])]
+    md += ["", "Time to the first training step of a fresh process (cold: empty caches; "
+           "warm: a second run, with JAX's persistent compilation cache alone and with "
+           "mgtrain's step cache too)", "", first_step_table(out["first_step"])]
   if "mfc" in args.sections:
     out["mfc"] = bench_mfc(config, progress)
     md += ["", f"Mesh-free conv vs 3x3 conv, batch {config.mfc_batch}", "",

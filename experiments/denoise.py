@@ -47,6 +47,7 @@ from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv
 from mgtrain.nn.resnet import ResNet, count_params
+from mgtrain.step_cache import StepCache
 
 # Every spatial conv of the ResNet comes from this factory (mgtrain.nn.convs).
 MODEL_CONVS = {"resnet": "standard", "mfc-resnet": "mfc",
@@ -152,8 +153,13 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  subsample: str = "coarsen", restriction: str = "nearest",
                  progress: bool = True, stop_after: int | None = None,
                  chunk_pixels: int | None = None, fuse_meshes: bool = False,
-                 mesh=None, level_parallel=None) -> dict:
-  """Trains one strategy into ``workdir`` (resuming if possible); returns its results."""
+                 mesh=None, level_parallel=None, step_cache=None) -> dict:
+  """Trains one strategy into ``workdir`` (resuming if possible); returns its results.
+
+  ``step_cache``: an optional :class:`mgtrain.step_cache.StepCache` for the
+  stages' compiled steps, keyed by the model name, ``config`` and the
+  hierarchy (everything the step closes over besides its arguments).
+  """
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
   hierarchy = Hierarchy(levels=levels, size=config.size, base_batch=config.base_batch,
@@ -163,7 +169,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                             config.fms_iterations(levels))
   model = build_model(model_name)
   params = init_params(model, jax.random.PRNGKey(config.seed),
-                       jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)))
+                       jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)),
+                       step_cache=step_cache)
   apply_fn = model.apply
 
   def eval_fn(p):
@@ -180,7 +187,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       eval_fn=eval_fn, eval_every=config.eval_every, checkpointer=ckpt,
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
-      level_parallel=level_parallel)
+      level_parallel=level_parallel, step_cache=step_cache,
+      step_cache_key=f"experiments.denoise model={model_name} {config!r}")
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])
@@ -379,6 +387,10 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--compile-cache", default=str(runtime.default_cache_dir()),
                  help="JAX persistent compilation cache directory ('' to disable)")
+  p.add_argument("--step-cache", default=str(runtime.default_step_cache_dir()),
+                 help="directory of compiled train steps (mgtrain.step_cache), so a "
+                      "second run of the same config skips tracing and compiling "
+                      "('' to disable; not used with --level-parallel)")
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default: "
@@ -457,6 +469,9 @@ def main(argv=None) -> dict:
     level_parallel = jax.devices()[:args.devices] if args.devices else True
   elif args.distributed or args.devices not in (None, 1):
     mesh = parallel.data_mesh(None if args.distributed or args.devices == 0 else args.devices)
+  step_cache = None
+  if args.step_cache and level_parallel is None:
+    step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
   strategies = list(fm.STRATEGIES) if args.strategy == "all" else [args.strategy]
   results = {}
   for strategy in strategies:
@@ -475,7 +490,8 @@ def main(argv=None) -> dict:
                      levels=levels, subsample=args.subsample,
                      restriction=args.restriction, progress=not args.no_progress,
                      stop_after=args.stop_after, chunk_pixels=chunk_pixels,
-                     fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel)
+                     fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
+                     step_cache=step_cache)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

@@ -3,12 +3,17 @@
 What a user waits for before training starts: Python and jax imports, the
 model's initialisation, tracing and lowering the step, XLA compilation (or
 loading it from JAX's persistent compilation cache), and the first step
-itself. The step is the benchmark's denoising train step
+itself. With ``--step-cache`` the compiled step is looked up in a
+:class:`mgtrain.step_cache.StepCache` first; a hit skips tracing, lowering
+and compiling (``trace_and_lower`` is then 0 and ``compile`` is the load).
+
+The step is the benchmark's denoising train step
 (:func:`experiments.benchmark.stage_program`): a ``--levels``-level MGE step
 with batches ``N0, 2 N0, ...``, or single-scale batch ``N0`` with
 ``--mge single``.
 
-Prints one JSON line with each phase in seconds, ``since_start`` (from this
+Prints one JSON line with each phase in seconds (``state`` builds and
+places the train state), ``since_start`` (from this
 module's first line, after the interpreter and any re-exec of
 :mod:`experiments.runtime`) and the cache directory used.
 ``python -m experiments.benchmark --sections first-step`` runs this twice in
@@ -17,6 +22,7 @@ fresh processes, with an empty cache and then a warm one.
 Usage::
 
   python -m experiments.first_step --model unet --size 64 --compile-cache /tmp/cache
+  python -m experiments.first_step --model unet --compile-cache /tmp/cache --step-cache /tmp/steps
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ def main(argv=None) -> dict:
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache directory ('' = none: a cold compile)")
+  p.add_argument("--step-cache", default="",
+                 help="mgtrain.step_cache directory ('' = none): a hit skips tracing too")
   args = p.parse_args(argv)
 
   import jax
@@ -62,13 +70,17 @@ def main(argv=None) -> dict:
     raise SystemExit(f"unknown model {args.model!r}; choose from {BENCH_MODELS}")
 
   phases = {"imports": time.perf_counter() - _T_START}
+  step_cache = None
+  if args.step_cache:
+    from mgtrain.step_cache import StepCache
+    step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
   t = time.perf_counter()
   model = _bench_model(args.model)
   size = args.size
   hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
                         restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                       jnp.zeros((1,)))
+                       jnp.zeros((1,)), step_cache=step_cache)
   jax.block_until_ready(params)
   # A real run device_puts its photographs; drawing the pool with jax.random
   # would add a compilation a real run does not have.
@@ -79,18 +91,36 @@ def main(argv=None) -> dict:
            else fm.multiscale_schedule(hierarchy, 1)[0])
   t = time.perf_counter()
   jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params,
-                                args.chunk_pixels or None, fuse_meshes=args.mge == "by-mesh")
-  lowered = jitted.lower(state, pool)
-  phases["trace_and_lower"] = time.perf_counter() - t
-  t = time.perf_counter()
-  compiled = lowered.compile()
-  phases["compile"] = time.perf_counter() - t
+                                args.chunk_pixels or None, fuse_meshes=args.mge == "by-mesh",
+                                step_cache=step_cache, cache_key=f"model={args.model}")
+  jax.block_until_ready(state)
+  phases["state"] = time.perf_counter() - t
+  hit = None
+  if step_cache is not None:
+    key = (f"experiments.first_step model={args.model} chunk={args.chunk_pixels} "
+           f"{stage!r} {hierarchy!r}")
+    t = time.perf_counter()
+    compiled = step_cache.load(key, state, pool)
+    hit = compiled is not None
+    if hit:
+      phases["trace_and_lower"] = 0.0
+      phases["compile"] = time.perf_counter() - t
+  if not hit:
+    t = time.perf_counter()
+    lowered = jitted.lower(state, pool)
+    phases["trace_and_lower"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    if step_cache is not None:
+      step_cache.store(compiled, key, state, pool)
+    phases["compile"] = time.perf_counter() - t
   t = time.perf_counter()
   state, metrics = compiled(state, pool)
   jax.block_until_ready(metrics["loss"])
   phases["first_step"] = time.perf_counter() - t
   out = {"model": args.model, "size": size, "levels": args.levels, "mge": args.mge,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
+         "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
          "phases": phases, "before_first_step": sum(v for k, v in phases.items()
                                                     if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}

@@ -178,6 +178,11 @@ def default_cache_dir() -> Path:
   return Path(base) / "mgtrain" / "jax-compilation-cache"
 
 
+def default_step_cache_dir() -> Path:
+  """Where the CLIs keep compiled train steps (:mod:`mgtrain.step_cache`)."""
+  return default_cache_dir().parent / "step-cache"
+
+
 def enable_compilation_cache(path: str | os.PathLike | None) -> None:
   """Turns on JAX's persistent compilation cache at ``path`` (None: off)."""
   if not path:

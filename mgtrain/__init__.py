@@ -6,6 +6,7 @@ Submodules:
   transform        the optax transform combining per-level gradient terms
   workunits        #WU closed forms (Appendix B)
   full_multiscale  Full-Multiscale training (Algorithm 2) and its TrainState
+  step_cache       compiled train steps on disk: a second run skips tracing
 """
 
 from mgtrain import full_multiscale, hierarchy, mge, transform, workunits

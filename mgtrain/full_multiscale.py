@@ -49,6 +49,7 @@ from mgtrain import workunits
 from mgtrain import parallel
 from mgtrain.hierarchy import Hierarchy, HierarchyError, levels_for_stage
 from mgtrain.mge import mge_value_and_grad, mge_value_and_grad_by_mesh
+from mgtrain.step_cache import cached_call
 from mgtrain.transform import multiscale
 
 STRATEGIES = ("single", "multiscale", "full-multiscale")
@@ -165,16 +166,22 @@ def init_state(params, seed: int, opt_state=None, level: int = 0) -> TrainState:
 
 
 def fresh_state(params, seed: int, tx: optax.GradientTransformation,
-                level: int = 0) -> TrainState:
+                level: int = 0, step_cache=None, cache_key: str | None = None) -> TrainState:
   """``init_state(copy of params, seed, tx.init(params), level)`` as one jitted program.
 
   The parameters are copied, so a step that donates its state leaves the
   caller's arrays alive. Run eagerly, the copies and the optimizer's
   ``zeros_like`` are one small compilation per leaf: 2.0 s for the
   reference UNet on a 2-core CPU, 0.6 s as one program.
+
+  With a :class:`mgtrain.step_cache.StepCache`, ``cache_key`` must
+  describe ``tx`` (the program depends on it beyond its arguments).
   """
-  return jax.jit(lambda p: init_state(jax.tree.map(jnp.copy, p), seed, tx.init(p), level))(
-      params)
+  build = jax.jit(lambda p: init_state(jax.tree.map(jnp.copy, p), seed, tx.init(p), level))
+  if step_cache is not None and not cache_key:
+    raise ValueError("fresh_state with a step_cache needs a cache_key describing tx")
+  return cached_call(step_cache, build, params,
+                     key=f"mgtrain.fresh_state seed={seed} level={level} {cache_key}")
 
 
 def carry_inner_state(previous, fresh):
@@ -243,7 +250,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           checkpointer=None, progress: bool = True, description: str = "train",
           stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
           carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False,
-          level_parallel=None):
+          level_parallel=None, step_cache=None, step_cache_key: str | None = None):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -285,6 +292,14 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       #WU, so a stage needs at least one device per level). Not combinable
       with ``mesh`` or ``fuse_meshes``. Its programs compile on the first
       step, so a stage's ``compile_seconds`` is that first step's wall time.
+    step_cache: optional :class:`mgtrain.step_cache.StepCache`: each stage's
+      compiled step is loaded from it when a previous run stored one, which
+      skips tracing and compiling (a stage's ``compile_seconds`` is then the
+      load time). Not combinable with ``level_parallel``.
+    step_cache_key: required with ``step_cache``: a description of
+      ``loss_fn``, ``sample_fn`` and ``make_optimizer`` (e.g. the experiment's
+      config repr), which mgtrain cannot see inside. The stage, hierarchy and
+      the other arguments of this call are added to it here.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -302,6 +317,12 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       lp_lib.group_sizes(st, len(lp_devices))   # fails early: too few devices
   else:
     lp_devices = None
+  if step_cache is not None:
+    if lp_devices is not None:
+      raise ValueError("step_cache does not cover level_parallel programs")
+    if not step_cache_key:
+      raise ValueError("step_cache needs step_cache_key: a description of loss_fn, "
+                       "sample_fn and make_optimizer (e.g. repr of the config)")
   if mesh is not None:
     for st in stages:
       parallel.check_batches(st.batch_sizes, mesh)
@@ -315,7 +336,9 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
   history = {"step": [], "loss": [], "work_units": [], "level": [], "evals": [],
              "compile_seconds": [0.0] * len(stages),
              "train_seconds": [0.0] * len(stages)}
-  state = fresh_state(params, seed, optimizers[0], stages[0].mesh_level)
+  state = fresh_state(params, seed, optimizers[0], stages[0].mesh_level, step_cache,
+                      None if step_cache is None else
+                      f"fm.train {step_cache_key} stage 0 {stages[0]!r} fuse={fuse_meshes}")
 
   if checkpointer is not None and checkpointer.latest_step() is not None:
     step = checkpointer.latest_step()
@@ -359,7 +382,14 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       else:
         step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
                                           max_pixels_per_chunk, fuse_meshes), donate_argnums=0)
-        compiled = step_fn.lower(state, data).compile()
+        if step_cache is None:
+          compiled = step_fn.lower(state, data).compile()
+        else:
+          compiled, _ = step_cache.compile(
+              step_fn, state, data,
+              key=(f"fm.train {step_cache_key}\nstage {s} {stage!r}\n{hierarchy!r}\n"
+                   f"chunk={max_pixels_per_chunk} fuse={fuse_meshes} seed={seed} "
+                   f"mesh={None if mesh is None else dict(mesh.shape)}"))
       history["compile_seconds"][s] += time.perf_counter() - t0
 
       t_stage = time.perf_counter()

@@ -88,6 +88,31 @@ def main():
   out["train_level_parallel_max_abs_diff"] = diff(finals[0], finals[2])
   out["train_work_units"] = [float(f.work_units) for f in finals]
   out["train_losses"] = [h["loss"] for h in histories]
+  # The same run with a step cache, on a mesh over 4 of the 8 devices: the
+  # second run loads every program and must put it on those 4 devices.
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from mgtrain.step_cache import StepCache  # pylint: disable=g-import-not-at-top
+  class CountingCache(StepCache):
+    hits = 0
+
+    def compile(self, *a, **kw):
+      compiled, hit = super().compile(*a, **kw)
+      self.hits += hit
+      return compiled, hit
+
+  cache_dir = tempfile.mkdtemp()
+  cached = []
+  for _ in range(2):
+    cache = CountingCache(cache_dir)
+    state, history = fm.train(params=params, stages=stages, hierarchy=h2,
+                              loss_fn=mse_loss_fn(model), sample_fn=sample_fn, data=pool,
+                              make_optimizer=lambda it: optax.adam(1e-2), seed=0,
+                              progress=False, mesh=parallel.data_mesh(4), step_cache=cache,
+                              step_cache_key="parallel_check adam 1e-2")
+    cached.append({"losses": history["loss"], "max_abs_diff": diff(finals[0], state),
+                   "programs": len(cache._in_memory), "hits": cache.hits,
+                   "devices": sorted(d.id for d in jax.tree.leaves(state.params)[0].devices())})
+  out["train_step_cache"] = cached
   # Level parallelism: the 3-level MGE step with its terms on device groups.
   stage = fm.multiscale_schedule(h, 2)[0]
   ref, loss_ref = refs["mge"]

@@ -126,14 +126,25 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
                         "--workdir", str(tmp_path)])
   (row,) = out["first_step"]
   assert row["model"] == "resnet" and row["mge"] == "by-mesh"
-  for run in ("cold", "warm"):
+  cache = tmp_path / "first_step_cache" / "resnet"
+  for run, step_cache in (("cold", "miss"), ("warm", None), ("warm_step_cache", "hit")):
     phases = row[run]["phases"]
-    assert set(phases) == {"imports", "init", "trace_and_lower", "compile", "first_step"}
-    assert all(v > 0 for v in phases.values())
-    assert row[run]["compile_cache"] == str(tmp_path / "first_step_cache" / "resnet")
-  # The cold run filled the persistent cache the warm run read.
-  assert any((tmp_path / "first_step_cache" / "resnet").iterdir())
-  assert "| resnet | 16 | by-mesh | warm |" in (tmp_path / "benchmark.md").read_text()
+    assert set(phases) == {"imports", "init", "state", "trace_and_lower", "compile",
+                           "first_step"}
+    assert row[run]["compile_cache"] == str(cache / "xla")
+    assert row[run]["step_cache"] == step_cache
+    # A step-cache hit traces nothing; every other phase takes time.
+    traced = {k: v for k, v in phases.items() if not (step_cache == "hit"
+                                                      and k == "trace_and_lower")}
+    assert all(v > 0 for v in traced.values())
+  assert row["warm_step_cache"]["phases"]["trace_and_lower"] == 0.0
+  # The cold run filled both caches the warm runs read.
+  assert any((cache / "xla").iterdir())
+  # The initialiser, the train state and the step.
+  assert len(list((cache / "steps").glob("*.step"))) == 3
+  md = (tmp_path / "benchmark.md").read_text()
+  assert "| resnet | 16 | by-mesh | warm (XLA cache) |" in md
+  assert "| resnet | 16 | by-mesh | warm (XLA + step cache) |" in md
 
 
 def test_same_samples_step_split_into_accumulated_micro_batches(tmp_path):

@@ -9,7 +9,8 @@ from experiments import denoise
 
 def _run(tmp_path, *extra):
   return denoise.main(["--config", "smoke", "--workdir", str(tmp_path), "--no-progress",
-                       "--compile-cache", "", *extra])
+                       "--compile-cache", "", "--step-cache", str(tmp_path / "step-cache"),
+                       *extra])
 
 
 def test_smoke_all_strategies_table_and_files(tmp_path, capsys):

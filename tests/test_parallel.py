@@ -43,6 +43,18 @@ def test_train_with_a_mesh_matches_one_device(eight_device_result):
   assert r["train_work_units"][0] == r["train_work_units"][1]
 
 
+def test_train_with_a_mesh_and_a_step_cache_loads_onto_the_mesh_devices(eight_device_result):
+  """Stored on a 4-device mesh, loaded on it again in the second run."""
+  first, second = eight_device_result["train_step_cache"]
+  for run in (first, second):
+    assert run["devices"] == [0, 1, 2, 3]
+    assert run["max_abs_diff"] <= 1e-5
+  assert second["losses"] == first["losses"]
+  # The state and the two stages' steps: compiled, then all loaded.
+  assert first["programs"] == second["programs"] == 3
+  assert (first["hits"], second["hits"]) == (0, 3)
+
+
 def test_train_with_level_parallelism_matches_one_device(eight_device_result):
   """A 2-stage Full-Multiscale fm.train run with every stage's terms on device groups."""
   r = eight_device_result

@@ -1,0 +1,203 @@
+"""Compiled train steps kept on disk, so a later process skips tracing too.
+
+JAX's persistent compilation cache stores compiled programs, but a new
+process still traces and lowers the step before it can look one up: for the
+UNet's 4-level MGE step at 64^2 on the 2-core CPU that is 6-7 s of a 14 s
+warm start (``docs/benchmark_cpu.md``). A :class:`StepCache` stores the
+compiled executable itself (``jax.experimental.serialize_executable``) under a
+fingerprint of the program, and a later process with the same fingerprint
+loads it without tracing anything.
+
+The catch is that the fingerprint cannot come from the trace it skips.
+It is the SHA-256 of
+
+* ``key``: the caller's description of everything the traced function
+  closes over that is not an argument (model, loss, optimizer, schedule,
+  stage). **Two programs that differ in anything not named in ``key`` or
+  below will collide**, so build it from the config objects, e.g.
+  ``repr(config)``;
+* the source of the packages in ``source_packages`` (default ``mgtrain``;
+  the experiment CLIs add ``experiments``), so editing the code invalidates
+  every entry;
+* jax and jaxlib versions, the backend's platform and version, the devices'
+  kinds and count, and ``XLA_FLAGS``;
+* the arguments' tree structure, shapes, dtypes, weak types and shardings.
+
+On a load the argument structure is checked again (``jax.stages.Compiled``
+refuses arguments that differ from what it was compiled for). An entry that
+fails to load (another jaxlib, a truncated file) is compiled afresh and
+overwritten. Entries are pickles: only point a cache at a directory you
+trust, as with JAX's own cache.
+
+Example::
+
+  cache = StepCache("~/.cache/mgtrain/step-cache")
+  compiled, hit = cache.compile(jax.jit(step, donate_argnums=0), state, batch,
+                                key=f"denoise {config!r} stage {stage!r}")
+  state, metrics = compiled(state, batch)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import jax
+from jax.experimental import serialize_executable
+
+_FORMAT = 1
+
+
+@lru_cache(maxsize=None)
+def source_fingerprint(packages: tuple[str, ...]) -> str:
+  """SHA-256 over every ``.py`` file of ``packages`` (path and content)."""
+  h = hashlib.sha256()
+  for name in packages:
+    module = importlib.import_module(name)
+    files = getattr(module, "__path__", None)
+    roots = [Path(p) for p in files] if files else [Path(module.__file__)]
+    for root in roots:
+      paths = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+      for path in paths:
+        h.update(f"{name}/{path.relative_to(root.parent)}".encode())
+        h.update(path.read_bytes())
+  return h.hexdigest()
+
+
+def _argument_signature(args) -> str:
+  leaves, treedef = jax.tree.flatten(args)
+  parts = [str(treedef)]
+  for leaf in leaves:
+    aval = jax.typeof(leaf)
+    sharding = getattr(leaf, "sharding", None)
+    parts.append(f"{aval.str_short()} weak={aval.weak_type} {sharding}")
+  return "\n".join(parts)
+
+
+def _environment_signature() -> str:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  backend = jax.devices()[0].client
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  return (f"format={_FORMAT} jax={jax.__version__} jaxlib={jaxlib.__version__} "
+          f"platform={backend.platform} {backend.platform_version} devices={len(jax.devices())} "
+          f"{kinds} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+
+
+def _execution_device_ids(compiled) -> list[int]:
+  """The devices ``compiled`` runs on, in its device assignment's order
+  (a mesh-sharded step runs on the mesh's devices, not necessarily all)."""
+  for sharding in jax.tree.leaves(compiled.input_shardings):
+    assignment = getattr(sharding, "_device_assignment", None)
+    if assignment:
+      return [d.id for d in assignment]
+  return [jax.devices()[0].id]
+
+
+class StepCache:
+  """A directory of serialized compiled steps; see the module docstring.
+
+  Args:
+    directory: where entries live (created on the first store).
+    source_packages: packages whose source goes into every fingerprint.
+  """
+
+  def __init__(self, directory: str | os.PathLike,
+               source_packages: Sequence[str] = ("mgtrain",)):
+    if not os.fspath(directory):
+      raise ValueError("StepCache needs a directory")
+    self.directory = Path(directory).expanduser()
+    self.source_packages = tuple(source_packages)
+    self._in_memory = {}   # fingerprint -> Compiled, so a process loads each entry once
+
+  def fingerprint(self, key: str, *args) -> str:
+    """The hex digest an entry for ``key`` and these arguments is stored under."""
+    if not isinstance(key, str) or not key:
+      raise ValueError("StepCache needs a non-empty key describing the program "
+                       "(model, loss, optimizer, schedule): it cannot see inside the function")
+    h = hashlib.sha256()
+    for part in (key, source_fingerprint(self.source_packages), _environment_signature(),
+                 _argument_signature(args)):
+      h.update(part.encode())
+      h.update(b"\0")
+    return h.hexdigest()
+
+  def path(self, key: str, *args) -> Path:
+    return self.directory / f"{self.fingerprint(key, *args)}.step"
+
+  def load(self, key: str, *args):
+    """The cached ``jax.stages.Compiled`` for ``key`` and ``args``, or None."""
+    path = self.path(key, *args)
+    try:
+      blob = path.read_bytes()
+    except OSError:
+      return None
+    try:
+      serialized, in_tree, out_tree, device_ids = pickle.loads(blob)
+      if in_tree != jax.tree.structure((args, {})):
+        return None
+      by_id = {d.id: d for d in jax.devices()}
+      return serialize_executable.deserialize_and_load(
+          serialized, in_tree, out_tree,
+          execution_devices=[by_id[i] for i in device_ids])
+    except Exception:  # pylint: disable=broad-except
+      # Another jaxlib's format, or a file cut short: compile it again.
+      return None
+
+  def store(self, compiled, key: str, *args) -> Path | None:
+    """Writes ``compiled`` (atomically); returns the path, or None when the
+    backend cannot serialize its executables."""
+    try:
+      serialized, in_tree, out_tree = serialize_executable.serialize(compiled)
+    except (ValueError, NotImplementedError):
+      return None
+    blob = pickle.dumps((serialized, in_tree, out_tree, _execution_device_ids(compiled)))
+    path = self.path(key, *args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    return path
+
+  def compile(self, jitted, *args, key: str, compiler_options: dict | None = None):
+    """``(compiled, hit)``: the cached program for ``args``, or
+    ``jitted.lower(*args).compile()`` stored for next time.
+
+    ``jitted`` is a ``jax.jit``-wrapped function; ``args`` are its positional
+    arguments (arrays or ``jax.ShapeDtypeStruct``s with the shardings they
+    will have).
+    """
+    if compiler_options:
+      key = f"{key}\ncompiler_options={sorted(compiler_options.items())}"
+    fingerprint = self.fingerprint(key, *args)
+    if fingerprint in self._in_memory:
+      return self._in_memory[fingerprint], True
+    compiled = self.load(key, *args)
+    hit = compiled is not None
+    if not hit:
+      compiled = jitted.lower(*args).compile(compiler_options=compiler_options or None)
+      self.store(compiled, key, *args)
+    self._in_memory[fingerprint] = compiled
+    return compiled, hit
+
+
+def cached_call(cache: StepCache | None, jitted, *args, key: str):
+  """``jitted(*args)``, compiled through ``cache`` when there is one.
+
+  For the one-off programs of a run's start (initialisation, the train
+  state), whose tracing a second run would otherwise repeat.
+  """
+  if cache is None:
+    return jitted(*args)
+  compiled, _ = cache.compile(jitted, *args, key=key)
+  return compiled(*args)

@@ -1,0 +1,180 @@
+"""mgtrain.step_cache: a loaded step is the step that was compiled, and
+anything in the fingerprint that changes misses."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import TinyCNN, smooth_images
+from mgtrain import full_multiscale as fm
+from mgtrain.hierarchy import Hierarchy
+from mgtrain.step_cache import StepCache, source_fingerprint
+
+
+def _step(state, x):
+  return {"w": state["w"] - 0.1 * jnp.tanh(state["w"] * x.sum())}, jnp.sum(state["w"] ** 2)
+
+
+def _args():
+  return {"w": jnp.linspace(-1.0, 1.0, 8)}, jnp.arange(3.0)
+
+
+def test_a_second_cache_loads_the_same_donating_program(tmp_path):
+  jitted = jax.jit(_step, donate_argnums=0)
+  state, x = _args()
+  expected_state, expected_loss = jax.jit(_step)(*_args())
+
+  compiled, hit = StepCache(tmp_path).compile(jitted, state, x, key="toy step")
+  assert not hit
+  assert len(list(tmp_path.glob("*.step"))) == 1
+
+  state, x = _args()
+  loaded, hit = StepCache(tmp_path).compile(jitted, state, x, key="toy step")
+  assert hit
+  new_state, loss = loaded(state, x)
+  np.testing.assert_array_equal(new_state["w"], expected_state["w"])
+  assert float(loss) == float(expected_loss)
+  assert state["w"].is_deleted()            # the donation survived the round trip
+  assert len(list(tmp_path.glob("*.step"))) == 1
+
+
+def test_key_shapes_and_options_are_part_of_the_fingerprint(tmp_path):
+  cache = StepCache(tmp_path)
+  state, x = _args()
+  cache.compile(jax.jit(_step), state, x, key="toy step")
+  assert cache.load("another step", state, x) is None
+  assert cache.load("toy step", state, jnp.arange(4.0)) is None
+  assert cache.load("toy step", state, x.astype(jnp.int32)) is None
+  assert cache.load("toy step", {"w": state["w"], "v": state["w"]}, x) is None
+  assert cache.load("toy step", state, x) is not None
+  _, hit = cache.compile(jax.jit(_step), state, x, key="toy step",
+                         compiler_options={"xla_embed_ir_in_executable": True})
+  assert not hit
+
+
+def test_source_edits_change_the_fingerprint(tmp_path, monkeypatch):
+  pkg = tmp_path / "pkg_under_test"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("X = 1\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cache = StepCache(tmp_path / "cache", source_packages=("pkg_under_test",))
+  before = cache.fingerprint("k", *_args())
+  assert cache.fingerprint("k", *_args()) == before
+  (pkg / "__init__.py").write_text("X = 2\n")
+  source_fingerprint.cache_clear()
+  assert cache.fingerprint("k", *_args()) != before
+  sys.modules.pop("pkg_under_test", None)
+
+
+def test_a_damaged_entry_is_compiled_again(tmp_path):
+  cache = StepCache(tmp_path)
+  state, x = _args()
+  cache.compile(jax.jit(_step), state, x, key="toy step")
+  (entry,) = tmp_path.glob("*.step")
+  entry.write_bytes(entry.read_bytes()[:100])
+  assert cache.load("toy step", state, x) is None
+  cache = StepCache(tmp_path)     # a new process: nothing held in memory
+  compiled, hit = cache.compile(jax.jit(_step), state, x, key="toy step")
+  assert not hit
+  assert float(compiled(state, x)[1]) == float(jax.jit(_step)(state, x)[1])
+  assert cache.load("toy step", state, x) is not None
+
+
+def test_one_process_loads_an_entry_once(tmp_path):
+  cache = StepCache(tmp_path)
+  state, x = _args()
+  first, _ = cache.compile(jax.jit(_step), state, x, key="toy step")
+  again, hit = cache.compile(jax.jit(_step), state, x, key="toy step")
+  assert hit and again is first
+
+
+def test_cached_init_params_and_fresh_state_equal_the_plain_ones(tmp_path):
+  from mgtrain.nn import init_params
+  model = TinyCNN()
+  x = jnp.zeros((1, 8, 8, 1))
+  plain = init_params(model, jax.random.key(3), x)
+  cached = [init_params(model, jax.random.key(3), x, step_cache=StepCache(tmp_path))
+            for _ in range(2)]
+  assert len(list(tmp_path.glob("*.step"))) == 1
+  for c in cached:
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(c)):
+      np.testing.assert_array_equal(a, b)
+  tx = optax.adam(1e-3)
+  with pytest.raises(ValueError, match="cache_key"):
+    fm.fresh_state(plain, 0, tx, step_cache=StepCache(tmp_path))
+  states = [fm.fresh_state(plain, 5, tx, step_cache=StepCache(tmp_path), cache_key="adam 1e-3")
+            for _ in range(2)]
+  want = fm.fresh_state(plain, 5, tx)
+  for s in states:
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(s)):
+      np.testing.assert_array_equal(jax.random.key_data(a) if jnp.issubdtype(
+          a.dtype, jax.dtypes.prng_key) else a, jax.random.key_data(b) if jnp.issubdtype(
+              b.dtype, jax.dtypes.prng_key) else b)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="directory"):
+    StepCache("")
+  with pytest.raises(ValueError, match="non-empty key"):
+    StepCache("/tmp/unused").fingerprint("", *_args())
+
+
+class _CountingCache(StepCache):
+  def __init__(self, *a, **kw):
+    super().__init__(*a, **kw)
+    self.hits = 0
+    self.misses = 0
+
+  def compile(self, *a, **kw):
+    compiled, hit = super().compile(*a, **kw)
+    self.hits += hit
+    self.misses += not hit
+    return compiled, hit
+
+
+def _fm_run(**kw):
+  size = 16
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)))
+  pool = smooth_images(jax.random.key(1), 16, size)
+
+  def sample_fn(data, key, n):
+    y = data[jax.random.randint(key, (n,), 0, data.shape[0])]
+    return {"x": jnp.roll(y, 1, axis=1), "y": y}
+
+  def loss_fn(p, batch):
+    return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2, axis=(1, 2, 3))
+
+  h = Hierarchy(levels=2, size=size, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (2, 1))
+  return fm.train(params=params, stages=stages, hierarchy=h, loss_fn=loss_fn,
+                  sample_fn=sample_fn, data=pool,
+                  make_optimizer=lambda n: optax.adam(optax.cosine_decay_schedule(1e-2, n)),
+                  progress=False, **kw)
+
+
+def test_full_multiscale_second_run_loads_every_stage_and_trains_the_same(tmp_path):
+  first_cache = _CountingCache(tmp_path)
+  first_state, first = _fm_run(step_cache=first_cache, step_cache_key="tiny adam 1e-2")
+  # The train state and both stages' steps.
+  assert (first_cache.hits, first_cache.misses) == (0, 3)
+  second_cache = _CountingCache(tmp_path)
+  second_state, second = _fm_run(step_cache=second_cache, step_cache_key="tiny adam 1e-2")
+  assert (second_cache.hits, second_cache.misses) == (3, 0)
+  assert second["loss"] == first["loss"]
+  _, uncached = _fm_run()
+  np.testing.assert_allclose(second["loss"], uncached["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(first_state.params), jax.tree.leaves(second_state.params)):
+    np.testing.assert_array_equal(a, b)
+  other = _CountingCache(tmp_path)
+  _fm_run(step_cache=other, step_cache_key="tiny adam 1e-3")
+  assert other.misses == 3
+
+
+def test_full_multiscale_step_cache_needs_a_key(tmp_path):
+  with pytest.raises(ValueError, match="step_cache_key"):
+    _fm_run(step_cache=StepCache(tmp_path))
