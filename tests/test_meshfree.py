@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mgtrain.nn import meshfree
+from mgtrain.nn import init_params, meshfree
 from mgtrain.nn.convs import get_conv
 from mgtrain.nn.meshfree import MeshFreeConv, coefficients, heat_filter
 from mgtrain.nn.resnet import ResNet, count_params
@@ -159,9 +159,12 @@ def test_closed_form_adjoint_matches_autodiff_of_the_plain_formula(height, width
     raw = meshfree.init_raw(jax.random.key(0), shape[:-1], jnp.float64)
     v = jax.random.normal(jax.random.key(1), (2, height, width, c_in), jnp.float64)
     target = jax.random.normal(jax.random.key(2), (2, height, width, c_out), jnp.float64)
-    want = jax.grad(loss(plain), argnums=(0, 1))(v, raw)
-    got = jax.grad(loss(mine), argnums=(0, 1))(v, raw)
-    np.testing.assert_allclose(mine(v, raw), plain(v, raw), rtol=1e-12, atol=1e-12)
+    # Jitted: run op by op, each of these small programs compiles every op
+    # on its own (10-14 s per case on 2 cores instead of about 2 s).
+    want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(v, raw)
+    got = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(v, raw)
+    np.testing.assert_allclose(jax.jit(mine)(v, raw), jax.jit(plain)(v, raw),
+                               rtol=1e-12, atol=1e-12)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
 
@@ -245,7 +248,7 @@ def test_mfc_resnet_parameter_counts():
 
 def test_mfc_resnet_runs_on_several_meshes_without_new_params():
   model = ResNet(conv=get_conv("mfc"))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
   apply = jax.jit(model.apply)
   for n in (8, 32):
     out = apply(params, jnp.ones((2, n, n, 3)), jnp.full((2,), 0.5))
