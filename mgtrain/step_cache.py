@@ -128,11 +128,22 @@ class StepCache:
     return h.hexdigest()
 
   def path(self, key: str, *args) -> Path:
-    return self.directory / f"{self.fingerprint(key, *args)}.step"
+    return self._entry(self.fingerprint(key, *args))
+
+  def _entry(self, fingerprint: str) -> Path:
+    return self.directory / f"{fingerprint}.step"
 
   def load(self, key: str, *args):
     """The cached ``jax.stages.Compiled`` for ``key`` and ``args``, or None."""
-    path = self.path(key, *args)
+    return self._read(self.path(key, *args), args)
+
+  def store(self, compiled, key: str, *args) -> Path | None:
+    """Writes ``compiled`` (atomically); returns the path, or None when the
+    backend cannot serialize its executables."""
+    return self._write(compiled, self.path(key, *args))
+
+  @staticmethod
+  def _read(path: Path, args):
     try:
       blob = path.read_bytes()
     except OSError:
@@ -149,15 +160,13 @@ class StepCache:
       # Another jaxlib's format, or a file cut short: compile it again.
       return None
 
-  def store(self, compiled, key: str, *args) -> Path | None:
-    """Writes ``compiled`` (atomically); returns the path, or None when the
-    backend cannot serialize its executables."""
+  @staticmethod
+  def _write(compiled, path: Path) -> Path | None:
     try:
       serialized, in_tree, out_tree = serialize_executable.serialize(compiled)
     except (ValueError, NotImplementedError):
       return None
     blob = pickle.dumps((serialized, in_tree, out_tree, _execution_device_ids(compiled)))
-    path = self.path(key, *args)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
@@ -182,11 +191,11 @@ class StepCache:
     fingerprint = self.fingerprint(key, *args)
     if fingerprint in self._in_memory:
       return self._in_memory[fingerprint], True
-    compiled = self.load(key, *args)
+    compiled = self._read(self._entry(fingerprint), args)
     hit = compiled is not None
     if not hit:
       compiled = jitted.lower(*args).compile(compiler_options=compiler_options or None)
-      self.store(compiled, key, *args)
+      self._write(compiled, self._entry(fingerprint))
     self._in_memory[fingerprint] = compiled
     return compiled, hit
 
