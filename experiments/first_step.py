@@ -16,8 +16,10 @@ Prints one JSON line with each phase in seconds (``state`` builds and
 places the train state), ``since_start`` (from this
 module's first line, after the interpreter and any re-exec of
 :mod:`experiments.runtime`) and the cache directory used.
-``python -m experiments.benchmark --sections first-step`` runs this twice in
-fresh processes, with an empty cache and then a warm one.
+``python -m experiments.benchmark --sections first-step`` runs this three
+times in fresh processes: empty caches, a warm compilation cache, and a warm
+step cache too. The step cache's load and store are done by hand here (not
+``StepCache.compile``) so that tracing and compiling are timed apart.
 
 Usage::
 
