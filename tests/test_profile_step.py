@@ -1,0 +1,26 @@
+"""experiments.profile_step: the per-instruction profile CLI, smoke config."""
+
+import json
+
+import pytest
+
+from experiments import profile_step
+
+
+@pytest.mark.parametrize("argv, opcode", [
+    (["--program", "layer", "--layer", "mfc"], "fft"),
+    (["--program", "step", "--step", "single"], "convolution"),
+])
+def test_profile_step_writes_json_and_table(tmp_path, argv, opcode):
+  out = profile_step.main(["--config", "smoke", "--workdir", str(tmp_path), *argv])
+  saved = json.loads((tmp_path / "profile.json").read_text())
+  assert saved["program"] == out["program"] and saved["calls"] == 1
+  assert opcode in {op["opcode"] for op in saved["ops"]}
+  assert saved["by_opcode"] and saved["wall_seconds"] > 0
+  md = (tmp_path / "profile.md").read_text()
+  assert "| instruction | opcode | shape | ms / call |" in md
+
+
+def test_profile_step_rejects_bad_sizes(tmp_path):
+  with pytest.raises(SystemExit):
+    profile_step.main(["--config", "smoke", "--calls", "0", "--workdir", str(tmp_path)])
