@@ -43,6 +43,12 @@
   (fragmentation, which matters at 256^2 in 24 GB). Without
   ``arena_max=1`` the gain vanished. For an MFC-heavy job with memory to
   spare, set that ``GLIBC_TUNABLES`` yourself; it wins over ours.
+  With synchronous dispatch (``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``) XLA
+  allocates on the calling thread, in glibc's main arena, so the tunables
+  keep its buffers without ``arena_max=1``. The 3x3 conv layer at 256^2
+  then had no page faults, but the ResNet steps at 64^2 were no faster (two
+  runs each, docs/benchmark_cpu.md), and the MFC keeps faulting in DUCC's
+  own ``irfft2`` scratch, which comes from a pool worker's arena.
 
   Why fresh memory costs so much on the machine these figures come from:
   it is a Firecracker VM whose kernel reports free pages to the host
