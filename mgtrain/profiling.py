@@ -159,6 +159,12 @@ def trace_events(logdir: str | Path) -> tuple[list[dict], dict]:
   return [e for e in events if e.get("ph") == "X"], lanes
 
 
+def _instruction_name(event: dict) -> str | None:
+  """The HLO instruction an event is for: its ``hlo_op`` argument where it
+  has one (GPU kernels), else its name (CPU thunks)."""
+  return event.get("args", {}).get("hlo_op") or event.get("name")
+
+
 def op_times(events: list[dict], lanes: dict, instructions: dict[str, tuple[str, str]],
              calls: int) -> tuple[OpTime, ...]:
   """Folds trace events into one :class:`OpTime` per HLO instruction.
@@ -175,7 +181,7 @@ def op_times(events: list[dict], lanes: dict, instructions: dict[str, tuple[str,
   count = collections.Counter()
   where = collections.defaultdict(set)
   for e in events:
-    name = e.get("args", {}).get("hlo_op") or e.get("name")
+    name = _instruction_name(e)
     if name not in instructions:
       continue
     seconds[name] += float(e.get("dur", 0.0)) * 1e-6   # trace times are microseconds
@@ -192,10 +198,12 @@ def covered_seconds(events: list[dict], instructions: dict[str, tuple[str, str]]
                     calls: int) -> float:
   """Per call, the length of the union of the instructions' event intervals
   (control flow left out): the wall time in which some instruction ran."""
-  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                 if (e.get("args", {}).get("hlo_op") or e.get("name")) in instructions
-                 and instructions[e.get("args", {}).get("hlo_op") or e.get("name")][0]
-                 not in CONTROL_FLOW)
+  def counted(e):
+    entry = instructions.get(_instruction_name(e))
+    return entry is not None and entry[0] not in CONTROL_FLOW
+
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                 for e in events if counted(e))
   total, end = 0.0, float("-inf")
   for start, stop in spans:
     if stop > end:
