@@ -323,21 +323,42 @@ def _mge_key(levels: int, mode: str) -> str:
   return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "")
 
 
+BENCH_LAYERS = ("conv3x3", "mfc")
+
+
+def layer_problem(layer_name: str, channels: int, size: int, batch: int):
+  """One layer of section ``mfc``, its input, params and a scalar loss.
+
+  ``layer_name`` is ``"mfc"`` (:class:`MeshFreeConv`) or ``"conv3x3"`` (a
+  SAME-padded 3x3 ``nn.Conv``), ``channels`` in and out. The input ``x`` is
+  ``(batch, size, size, channels)`` standard normal; the loss is
+  ``0.5 * sum(layer(x)**2)``, so its gradient w.r.t. ``(params, x)`` runs the
+  layer's whole backward pass. Returns ``(layer, params, x, loss)``; the
+  benchmark and ``experiments.profile_step --program layer`` share it so that
+  they time the same program.
+  """
+  if layer_name not in BENCH_LAYERS:
+    raise ValueError(f"layer must be one of {BENCH_LAYERS}, got {layer_name!r}")
+  layer = (MeshFreeConv(channels) if layer_name == "mfc"
+           else nn.Conv(channels, (3, 3), padding="SAME"))
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+  params = layer.init(jax.random.key(1), x)
+
+  def loss(p, v):
+    return 0.5 * jnp.sum(jnp.square(layer.apply(p, v)))
+
+  return layer, params, x, loss
+
+
 def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   rows = []
   for channels in config.mfc_channels:
     for size in config.mfc_sizes:
-      x = jax.random.normal(jax.random.key(0), (config.mfc_batch, size, size, channels))
       row = {"channels": channels, "size": size, "batch": config.mfc_batch}
-      for name, layer in (("conv3x3", nn.Conv(channels, (3, 3), padding="SAME")),
-                          ("mfc", MeshFreeConv(channels))):
+      for name in BENCH_LAYERS:
         progress(f"  {name} {channels}ch {size}^2 ...")
-        params = layer.init(jax.random.key(1), x)
+        layer, params, x, loss = layer_problem(name, channels, size, config.mfc_batch)
         fwd = jax.jit(layer.apply)
-
-        def loss(p, v, layer=layer):
-          return 0.5 * jnp.sum(jnp.square(layer.apply(p, v)))
-
         fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         jax.block_until_ready(fwd(params, x))
         jax.block_until_ready(fwd_bwd(params, x))

@@ -40,17 +40,15 @@ from pathlib import Path
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_MODELS, _bench_model, stage_program
+from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
 from experiments.denoise import make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
-from mgtrain.nn.meshfree import MeshFreeConv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +70,10 @@ CONFIGS = {
     "paper": ProfileConfig("paper", "unet", 64, 4, 16, 256, 128, 16, 5),
 }
 STEPS = ("single", "mge", "mge-by-mesh")
-LAYERS = ("mfc", "conv3x3")
 
 
 def _layer_program(layer_name: str, channels: int, size: int, batch: int):
-  layer = MeshFreeConv(channels) if layer_name == "mfc" else nn.Conv(channels, (3, 3),
-                                                                     padding="SAME")
-  x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
-  params = layer.init(jax.random.key(1), x)
-
-  def loss(p, v):
-    return 0.5 * jnp.sum(jnp.square(layer.apply(p, v)))
-
+  _, params, x, loss = layer_problem(layer_name, channels, size, batch)
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
   return compiled, (lambda: compiled(params, x))
 
@@ -114,7 +104,7 @@ def parse_args(argv=None):
   p.add_argument("--program", choices=("step", "layer"), default="step")
   p.add_argument("--model", choices=BENCH_MODELS, default=None)
   p.add_argument("--step", choices=STEPS, default="mge")
-  p.add_argument("--layer", choices=LAYERS, default="mfc")
+  p.add_argument("--layer", choices=BENCH_LAYERS, default="mfc")
   p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)

@@ -167,3 +167,21 @@ def test_accumulation_only_where_the_whole_batch_would_not_fit():
   assert benchmark.accumulation_for(16 * gib, 240, 24 * gib) == 1
   k = benchmark.accumulation_for(75 * gib, 240, 24 * gib)
   assert 240 % k == 0 and 75 * gib / k <= 8 * gib and 75 * gib / (k - 1) > 8 * gib
+
+
+@pytest.mark.parametrize("layer_name", benchmark.BENCH_LAYERS)
+def test_layer_problem_loss_is_half_the_squared_output(layer_name):
+  import jax
+  import numpy as np
+  layer, params, x, loss = benchmark.layer_problem(layer_name, 4, 8, 2)
+  assert x.shape == (2, 8, 8, 4)
+  y = layer.apply(params, x)
+  np.testing.assert_allclose(loss(params, x), 0.5 * np.sum(np.square(y)), rtol=1e-5)
+  # The layer is linear in x at init (zero bias), so <x, dL/dx> = ||y||^2 = 2 L.
+  grad_x = jax.grad(loss, argnums=1)(params, x)
+  np.testing.assert_allclose(np.vdot(grad_x, x), 2 * loss(params, x), rtol=1e-4)
+
+
+def test_layer_problem_rejects_an_unknown_layer():
+  with pytest.raises(ValueError, match="layer must be one of"):
+    benchmark.layer_problem("conv5x5", 4, 8, 2)
