@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
@@ -60,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchmark import _median_seconds
 from mgtrain.nn import meshfree
 
 LEVERS = ("winograd", "host-fft", "bias-dot")
@@ -237,10 +236,6 @@ def lever_problems(lever: str, size: int, batch: int, channels: int):
   raise ValueError(f"lever must be one of {LEVERS}, got {lever!r}")
 
 
-def _argnums(inputs):
-  return tuple(range(len(inputs)))
-
-
 def time_lever(lever: str, size: int, batch: int, channels: int, repeats: int) -> dict:
   """Median fwd+bwd seconds of every variant of ``lever``, in this process."""
   inputs, variants = lever_problems(lever, size, batch, channels)
@@ -249,14 +244,9 @@ def time_lever(lever: str, size: int, batch: int, channels: int, repeats: int) -
   reference = None
   for name, f in variants.items():
     fb = jax.jit(jax.value_and_grad(lambda *a, f=f: 0.5 * jnp.sum(jnp.square(f(*a))),
-                                    argnums=_argnums(inputs)))
+                                    argnums=tuple(range(len(inputs)))))
     out = jax.block_until_ready(fb(*inputs))        # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fb(*inputs))
-      times.append(time.perf_counter() - t0)
-    row["seconds"][name] = statistics.median(times)
+    row["seconds"][name] = _median_seconds(lambda: fb(*inputs), repeats)[0]
     leaves = jax.tree.leaves(out)
     if reference is None:
       reference = leaves
