@@ -104,21 +104,37 @@ def sample_denoise_batch(pool: jax.Array, key: jax.Array, n: int) -> dict:
 
 
 # ---------------------------------------------------------------- model
-def build_model(name: str):
+# --compute-dtype: the models' Flax compute dtype (parameters stay float32).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """The model ``dtype`` for ``--compute-dtype name`` (``None`` for float32)."""
+  try:
+    return COMPUTE_DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown compute dtype {name!r}; choose from "
+                     f"{sorted(COMPUTE_DTYPES)}") from None
+
+
+def build_model(name: str, dtype: str = "float32"):
   """The reference ResNet with the conv factory of ``name`` (see ``MODEL_CONVS``).
 
   ``mfc-resnet`` uses one heat-equation filter per channel (76,995 params);
   ``mfc-pairwise-resnet`` one per channel pair, the paper's MFC-ResNet
-  (532,163 params, MFC paper Table 13).
+  (532,163 params, MFC paper Table 13). ``dtype`` is the compute dtype
+  (``'bfloat16'``: convs and activations in bfloat16, float32 parameters and
+  updates; see :class:`mgtrain.nn.resnet.ResNet`).
   """
   if name not in MODEL_CONVS:
     raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
-  return ResNet(conv=get_conv(MODEL_CONVS[name]))
+  return ResNet(conv=get_conv(MODEL_CONVS[name]), dtype=compute_dtype(dtype))
 
 
 def make_loss_fn(model):
+  """Per-sample MSE of ``model``'s prediction, in float32 whatever the compute dtype."""
   def loss_fn(params, batch):
-    pred = model.apply(params, batch["u"], batch["t"])
+    pred = model.apply(params, batch["u"], batch["t"]).astype(jnp.float32)
     return jnp.mean(jnp.square(pred - batch["y"]), axis=(1, 2, 3))
   return loss_fn
 
@@ -153,12 +169,14 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  subsample: str = "coarsen", restriction: str = "nearest",
                  progress: bool = True, stop_after: int | None = None,
                  chunk_pixels: int | None = None, fuse_meshes: bool = False,
-                 mesh=None, level_parallel=None, step_cache=None) -> dict:
+                 mesh=None, level_parallel=None, step_cache=None,
+                 dtype: str = "float32") -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results.
 
   ``step_cache``: an optional :class:`mgtrain.step_cache.StepCache` for the
-  stages' compiled steps, keyed by the model name, ``config`` and the
-  hierarchy (everything the step closes over besides its arguments).
+  stages' compiled steps, keyed by the model name, its compute ``dtype``,
+  ``config`` and the hierarchy (everything the step closes over besides its
+  arguments).
   """
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
@@ -167,7 +185,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                         restriction=restriction)
   stages = fm.make_schedule(strategy, hierarchy, config.iterations,
                             config.fms_iterations(levels))
-  model = build_model(model_name)
+  model = build_model(model_name, dtype)
   params = init_params(model, jax.random.PRNGKey(config.seed),
                        jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)),
                        step_cache=step_cache)
@@ -188,7 +206,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
       level_parallel=level_parallel, step_cache=step_cache,
-      step_cache_key=f"experiments.denoise model={model_name} {config!r}")
+      step_cache_key=f"experiments.denoise model={model_name} dtype={dtype} {config!r}")
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])
@@ -202,6 +220,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   results = {
       "task": "denoise",
       "model": model_name,
+      "compute_dtype": dtype,
       "params": count_params(state.params),
       "strategy": strategy,
       "subsample": subsample,
@@ -353,6 +372,10 @@ def parse_args(argv=None):
   p.add_argument("--model", default="resnet", choices=MODELS)
   p.add_argument("--levels", type=int, default=None,
                  help="number of levels L (default: the config's)")
+  p.add_argument("--compute-dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
+                 help="the model's compute dtype: bfloat16 runs convs and activations "
+                      "in bfloat16 with float32 parameters, Adam and loss (for GPUs; "
+                      "no faster on this CPU)")
   p.add_argument("--subsample", default="coarsen", choices=SUBSAMPLE_MODES)
   p.add_argument("--restriction", default="nearest", choices=RESTRICTIONS,
                  help="restriction operator used when coarsening. Denoising uses "
@@ -481,7 +504,8 @@ def main(argv=None) -> dict:
       previous = json.loads(done.read_text())
       if previous.get("status") == "complete" and previous.get("config_values") == \
           dataclasses.asdict(config) and previous.get("levels") == levels and \
-          previous.get("subsample") == args.subsample:
+          previous.get("subsample") == args.subsample and \
+          previous.get("compute_dtype", "float32") == args.compute_dtype:
         print(f"{strategy}: already complete in {out}, reusing its results",
               file=sys.stderr)
         results[strategy] = previous
@@ -491,7 +515,7 @@ def main(argv=None) -> dict:
                      restriction=args.restriction, progress=not args.no_progress,
                      stop_after=args.stop_after, chunk_pixels=chunk_pixels,
                      fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
-                     step_cache=step_cache)
+                     step_cache=step_cache, dtype=args.compute_dtype)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _time_stage
-from experiments.denoise import make_loss_fn
+from experiments.denoise import COMPUTE_DTYPES, make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
@@ -42,9 +43,10 @@ from mgtrain.nn import init_params
 
 def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                  options: dict, repeats: int, chunk_pixels: int | None = None,
-                 single_batch: int | None = None) -> dict:
-  """One variant, timed by the benchmark's own ``_time_stage``."""
-  model = _bench_model(model_name)
+                 single_batch: int | None = None, dtype: str = "float32") -> dict:
+  """One variant, timed by the benchmark's own ``_time_stage``; ``dtype`` is
+  the model's compute dtype."""
+  model = _bench_model(model_name, dtype)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
@@ -54,7 +56,8 @@ def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode:
   row = _time_stage(stage, h, make_loss_fn(model), params, pool, repeats, chunk_pixels,
                     fuse, compiler_options=options)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
-          "chunk_pixels": chunk_pixels, "single_batch": single_batch, **row}
+          "chunk_pixels": chunk_pixels, "single_batch": single_batch,
+          "compute_dtype": dtype, **row}
 
 
 def main(argv=None) -> list[dict]:
@@ -71,6 +74,9 @@ def main(argv=None) -> list[dict]:
                  help="XLA compile options per variant, as JSON objects")
   p.add_argument("--chunk-pixels", nargs="+", type=int, default=[0],
                  help="per-batch chunk sizes (samples x pixels) to try; 0 = no chunking")
+  p.add_argument("--compute-dtype", nargs="+", choices=sorted(COMPUTE_DTYPES),
+                 default=["float32"],
+                 help="model compute dtypes to try (bfloat16: float32 params and Adam)")
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
   p.add_argument("--repeats", type=int, default=20)
@@ -85,21 +91,21 @@ def main(argv=None) -> list[dict]:
   rows = []
   for size in sizes:
     for mode in (["single"] if args.single_batch else args.mge):
-      for options in args.options:
-        for chunk in args.chunk_pixels:
-          try:
-            row = time_variant(args.model, size, levels, base_batch, mode, options,
-                               args.repeats, chunk or None, args.single_batch or None)
-          except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
-            row = {"model": args.model, "size": size, "mge": mode, "options": options,
-                   "error": str(e).splitlines()[0]}
-          rows.append(row)
-          shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower "
-                   f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s"
-                   if "error" not in row else row["error"])
-          print(f"{args.model} {size}^2 {mode} chunk {chunk} {json.dumps(options)}: {shown}",
-                flush=True)
-          (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
+      for options, chunk, dtype in itertools.product(args.options, args.chunk_pixels,
+                                                     args.compute_dtype):
+        try:
+          row = time_variant(args.model, size, levels, base_batch, mode, options,
+                             args.repeats, chunk or None, args.single_batch or None, dtype)
+        except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
+          row = {"model": args.model, "size": size, "mge": mode, "options": options,
+                 "compute_dtype": dtype, "error": str(e).splitlines()[0]}
+        rows.append(row)
+        shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower "
+                 f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s"
+                 if "error" not in row else row["error"])
+        print(f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} {json.dumps(options)}: "
+              f"{shown}", flush=True)
+        (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
   return rows
 
 

@@ -67,6 +67,16 @@ CONV_FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def with_dtype(conv: Callable[..., nn.Module], dtype) -> Callable[..., nn.Module]:
+  """The factory ``conv`` with its modules' compute dtype bound (``None``: ``conv`` itself).
+
+  Every factory here passes ``dtype`` on to its module (Flax's compute
+  dtype; the parameters keep theirs), so a model made for bfloat16 compute
+  changes no factory.
+  """
+  return functools.partial(conv, dtype=dtype) if dtype is not None else conv
+
+
 def get_conv(name: str, **options) -> Callable[..., nn.Module]:
   """Looks up a conv factory by name; ``options`` are bound as keyword arguments.
 

@@ -27,21 +27,26 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mgtrain.nn.convs import standard_conv
+from mgtrain.nn.convs import standard_conv, with_dtype
 from mgtrain.nn.embeddings import TimeEmbedding
 
 
 def layer_norm_chw(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
-  """Layer norm over (H, W, C) per sample, no affine (``F.layer_norm(x, x.shape[1:])``)."""
-  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  """Layer norm over (H, W, C) per sample, no affine (``F.layer_norm(x, x.shape[1:])``).
+
+  Statistics are taken in float32 at least (a bfloat16 mean over 128 x H x W
+  values would lose most of its digits); the result has ``x``'s dtype.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def _scaled_init(base, scale: float):
@@ -53,13 +58,17 @@ def _scaled_init(base, scale: float):
 class ResBlock(nn.Module):
   features: int
   conv: Callable[..., nn.Module] = standard_conv
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, t):
-    h = self.conv(self.features, 3, name="conv_0")(x)
-    h = h + TimeEmbedding(name="time")(t)[:, None, None, :h.shape[-1]]
+    conv = with_dtype(self.conv, self.dtype)
+    h = conv(self.features, 3, name="conv_0")(x)
+    # The embedding is computed in float32 (sin(1000 t) needs t's digits) and
+    # cast, so that adding it does not promote a bfloat16 block to float32.
+    h = h + TimeEmbedding(name="time")(t)[:, None, None, :h.shape[-1]].astype(h.dtype)
     h = nn.leaky_relu(layer_norm_chw(h), 0.2)
-    return x + self.conv(self.features, 3, name="conv_1")(h)
+    return x + conv(self.features, 3, name="conv_1")(h)
 
 
 class ResNet(nn.Module):
@@ -70,12 +79,18 @@ class ResNet(nn.Module):
     blocks: number of residual blocks (2).
     out_channels: output channels (3).
     conv: conv factory for every spatial conv (see :mod:`mgtrain.nn.convs`).
+    dtype: compute dtype (``None``: float32). ``jnp.bfloat16`` runs every
+      conv and activation in bfloat16 while the parameters, the time
+      embedding and the layer-norm statistics stay float32 (Flax's
+      ``dtype`` / ``param_dtype`` split): the same params tree, so a
+      float32 checkpoint loads into a bfloat16 model and back.
   """
 
   features: int = 128
   blocks: int = 2
   out_channels: int = 3
   conv: Callable[..., nn.Module] = standard_conv
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, u, t):
@@ -85,11 +100,11 @@ class ResNet(nn.Module):
       # The time embedding has 2*32 + 64 = 128 features by construction.
       raise ValueError("the reference time embedding has 128 features; "
                        f"features={self.features} is not supported")
-    x = nn.Conv(self.features, (1, 1), name="lift")(u)
+    x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="lift")(u)
     for i in range(self.blocks):
-      x = ResBlock(self.features, self.conv, name=f"block_{i}")(x, t)
+      x = ResBlock(self.features, self.conv, self.dtype, name=f"block_{i}")(x, t)
     return nn.Conv(
-        self.out_channels, (1, 1), name="project",
+        self.out_channels, (1, 1), dtype=self.dtype, name="project",
         kernel_init=_scaled_init(nn.initializers.lecun_normal(), 1e-3))(x)
 
 

@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,14 @@ class SpectralConv(nn.Module):
     features: output channels.
     modes: Fourier modes kept per axis (per sign along ``y``).
     bypass: add the FNO layer's pointwise linear path ``P u`` (a 1x1 conv).
+    dtype: compute dtype of the input, the bypass and the output (``None``:
+      the input's); the FFTs run in float32 at least.
   """
 
   features: int
   modes: int = 12
   bypass: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -77,6 +82,8 @@ class SpectralConv(nn.Module):
       raise ValueError(f"SpectralConv expects NHWC images, got shape {x.shape}")
     if self.modes < 1:
       raise ValueError(f"modes must be >= 1, got {self.modes}")
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     c_in = x.shape[-1]
     scale = 1.0 / (c_in * self.features)
     shape = (2, self.modes, self.modes, c_in, self.features)
@@ -88,8 +95,8 @@ class SpectralConv(nn.Module):
     w = self.param("weights", init, shape)   # real/imag on the last axis
     y = spectral_mix(x, jax.lax.complex(w[..., 0], w[..., 1]))
     if self.bypass:
-      y = y + nn.Dense(self.features, use_bias=False, name="bypass")(x)
-    return y + self.param("bias", nn.initializers.zeros, (self.features,))
+      y = y + nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="bypass")(x)
+    return y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
 
 
 def spectral_conv(features: int, kernel_size: int | None = None, *,

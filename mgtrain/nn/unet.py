@@ -84,13 +84,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mgtrain.nn.convs import standard_conv
+from mgtrain.nn.convs import standard_conv, with_dtype
 from mgtrain.nn.embeddings import sinusoidal_embedding
 from mgtrain.nn.resnet import count_params
 
@@ -130,9 +130,10 @@ def _zero_init_conv(parent: nn.Module, conv: Callable[..., nn.Module], features:
   return cls(conv, features, kernel_size, name=name)
 
 
-def _group_norm(groups: int, name: str) -> nn.GroupNorm:
-  # PyTorch's nn.GroupNorm (the reference GroupNorm32) uses eps = 1e-5.
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, name=name)
+def _group_norm(groups: int, name: str, dtype=None) -> nn.GroupNorm:
+  # PyTorch's nn.GroupNorm (the reference GroupNorm32) uses eps = 1e-5. Flax
+  # takes its statistics in float32 whatever ``dtype`` is.
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -143,23 +144,26 @@ class ResBlock(nn.Module):
     dropout: dropout rate before the second conv.
     groups: GroupNorm groups.
     conv: conv factory for the two 3x3 convs.
+    dtype: compute dtype (``None``: float32; see :class:`UNet`).
   """
 
   features: int
   dropout: float = 0.5
   groups: int = 16
   conv: Callable[..., nn.Module] = standard_conv
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False):
-    h = nn.silu(_group_norm(self.groups, "norm_0")(x))
-    h = self.conv(self.features, 3, name="conv_0")(h)
-    h = h + nn.Dense(self.features, name="emb")(nn.silu(emb))[:, None, None, :]
-    h = nn.silu(_group_norm(self.groups, "norm_1")(h))
+    conv = with_dtype(self.conv, self.dtype)
+    h = nn.silu(_group_norm(self.groups, "norm_0", self.dtype)(x))
+    h = conv(self.features, 3, name="conv_0")(h)
+    h = h + nn.Dense(self.features, dtype=self.dtype, name="emb")(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(_group_norm(self.groups, "norm_1", self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _zero_init_conv(self, self.conv, self.features, 3, "conv_1")(h)
+    h = _zero_init_conv(self, conv, self.features, 3, "conv_1")(h)
     if x.shape[-1] != self.features:
-      x = nn.Dense(self.features, name="skip")(x)   # 1x1 conv
+      x = nn.Dense(self.features, dtype=self.dtype, name="skip")(x)   # 1x1 conv
     return x + h
 
 
@@ -172,16 +176,17 @@ class AttentionBlock(nn.Module):
   """
 
   groups: int = 16
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     b, height, width, c = x.shape
-    h = _group_norm(self.groups, "norm")(x).reshape(b, height * width, c)
-    q, k, v = jnp.split(nn.Dense(3 * c, name="qkv")(h), 3, axis=-1)
+    h = _group_norm(self.groups, "norm", self.dtype)(x).reshape(b, height * width, c)
+    q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h), 3, axis=-1)
     scores = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(h.dtype)
     h = jnp.einsum("bqk,bkc->bqc", weights, v)
-    h = nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+    h = nn.Dense(c, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="proj_out")(h)
     return x + h.reshape(b, height, width, c)
 
 
@@ -203,6 +208,10 @@ class UNet(nn.Module):
     out_channels: channels of the output image (3).
     conv: conv factory for every stride-1 3x3 conv (see the module docstring
       and :mod:`mgtrain.nn.convs`).
+    dtype: compute dtype (``None``: float32). ``jnp.bfloat16`` runs every
+      conv, dense map, attention product and activation in bfloat16; the
+      parameters stay float32 (the same tree), GroupNorm statistics, the
+      softmax and the sinusoidal features are float32.
   """
 
   base_channels: int = 32
@@ -215,6 +224,7 @@ class UNet(nn.Module):
   in_channels: int = 3
   out_channels: int = 3
   conv: Callable[..., nn.Module] = standard_conv
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, u, t, *, train: bool = False):
@@ -238,14 +248,15 @@ class UNet(nn.Module):
       raise ValueError(f"t must have shape ({batch},) to match u, got {t.shape}")
 
     emb = sinusoidal_embedding(t, self.base_channels // 2)
-    emb = nn.Dense(self.emb_features, name="time_0")(emb)
-    emb = nn.Dense(self.emb_features, name="time_1")(nn.silu(emb))
+    emb = nn.Dense(self.emb_features, dtype=self.dtype, name="time_0")(emb)
+    emb = nn.Dense(self.emb_features, dtype=self.dtype, name="time_1")(nn.silu(emb))
+    conv = with_dtype(self.conv, self.dtype)
 
     def res_block(h, features, name):
-      return ResBlock(features, self.dropout, self.groups, self.conv, name=name)(
+      return ResBlock(features, self.dropout, self.groups, self.conv, self.dtype, name=name)(
           h, emb, train)
 
-    h = self.conv(self.base_channels, 3, name="input")(u)
+    h = conv(self.base_channels, 3, name="input")(u)
     skips = [h]
     levels = len(self.channel_mult)
     for level, mult in enumerate(self.channel_mult):
@@ -255,13 +266,13 @@ class UNet(nn.Module):
       if level != levels - 1:
         # Stride-2 3x3 conv with PyTorch's padding 1 (not the factory).
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    name=f"downsample_{level}")(h)
+                    dtype=self.dtype, name=f"downsample_{level}")(h)
         skips.append(h)
 
     c = h.shape[-1]
     h = res_block(h, c, "middle_0")
     if self.attention:
-      h = AttentionBlock(self.groups, name="middle_attention")(h)
+      h = AttentionBlock(self.groups, self.dtype, name="middle_attention")(h)
     h = res_block(h, c, "middle_1")
 
     for level in reversed(range(levels)):
@@ -271,10 +282,10 @@ class UNet(nn.Module):
         h = res_block(h, features, f"up_{level}_{i}")
       if level:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)   # nearest x2
-        h = self.conv(features, 3, name=f"upsample_{level}")(h)
+        h = conv(features, 3, name=f"upsample_{level}")(h)
 
-    h = nn.silu(_group_norm(self.groups, "out_norm")(h))
-    return _zero_init_conv(self, self.conv, self.out_channels, 3, "output")(h)
+    h = nn.silu(_group_norm(self.groups, "out_norm", self.dtype)(h))
+    return _zero_init_conv(self, conv, self.out_channels, 3, "output")(h)
 
   def _check_input(self, u) -> None:
     if u.ndim != 4 or u.shape[-1] != self.in_channels:
