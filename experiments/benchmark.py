@@ -77,8 +77,8 @@ import jax.numpy as jnp
 import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
-from experiments.denoise import CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, make_loss_fn, \
-    sample_denoise_batch
+from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
+    compute_dtype, make_loss_fn, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -98,12 +98,13 @@ DEFAULT_TORCH_TWIN = Path(__file__).resolve().parents[2] / "shared" / "bench" / 
 BENCH_MODELS = tuple(MODEL_CONVS) + ("unet", "mfc-unet")
 
 
-def _bench_model(name: str):
+def _bench_model(name: str, dtype: str = "float32"):
+  """The model ``name`` of ``BENCH_MODELS`` with compute ``dtype`` (float32 params)."""
   if name == "unet":
-    return UNet()
+    return UNet(dtype=compute_dtype(dtype))
   if name == "mfc-unet":
-    return UNet(conv=get_conv("mfc"))
-  return build_model(name)
+    return UNet(conv=get_conv("mfc"), dtype=compute_dtype(dtype))
+  return build_model(name, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,9 @@ class BenchConfig:
   # first-step: the issue's compile-time target is the UNet's MGE step at 64^2.
   first_step_models: tuple[str, ...] = ("unet",)
   first_step_size: int = 64
+  # The models' compute dtype for steps and loss-eval ('bfloat16': float32
+  # params, Adam and loss; see experiments.denoise.COMPUTE_DTYPES).
+  compute_dtype: str = "float32"
 
 
 CONFIGS = {
@@ -190,16 +194,18 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   return jax.jit(step, donate_argnums=0), state
 
 
-def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
-                repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
-                compiler_options: dict | None = None, accumulate: int = 1) -> dict:
-  """Median seconds per step of ``stage``'s train step, after an awaited warm-up.
+def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
+                   chunk_pixels: int | None, fuse_meshes: bool = False,
+                   compiler_options: dict | None = None, accumulate: int = 1):
+  """``stage``'s train step compiled and warmed up: ``(info, step)``.
 
+  ``step()`` runs one optimizer step (``accumulate`` calls) and returns its
+  loss, to block on. ``info`` has the compile figures and memory plan;
   ``compile_seconds`` is lowering plus compilation (``lower_seconds`` is the
   first part); ``compiler_options`` are XLA options for this program only.
   With ``accumulate=k`` one step is ``k`` calls of the stage's program with
-  gradient accumulation (:func:`stage_program`), timed together: a step on
-  ``k`` times the stage's batch whose working memory is that of one call.
+  gradient accumulation (:func:`stage_program`): a step on ``k`` times the
+  stage's batch whose working memory is that of one call.
   """
   jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
                                 accumulate)
@@ -218,16 +224,42 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   # Block on the warm-up: dispatch is asynchronous, and an unfinished warm-up
   # would be counted in the first timed call.
   jax.block_until_ready(one())
-  median, times = _median_seconds(one, repeats)
-  out = {"levels": list(stage.levels),
-         "batch_sizes": [n * accumulate for n in stage.batch_sizes],
-         "work_units_per_step": float(stage.work_units_per_step) * accumulate,
-         "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
-         "compile_seconds": compile_s, "seconds_per_step": median, "samples": times,
-         **_memory(compiled)}
+  info = {"levels": list(stage.levels),
+          "batch_sizes": [n * accumulate for n in stage.batch_sizes],
+          "work_units_per_step": float(stage.work_units_per_step) * accumulate,
+          "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
+          "compile_seconds": compile_s, **_memory(compiled)}
   if accumulate > 1:
-    out.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
-  return out
+    info.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
+  return info, one
+
+
+def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
+                repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
+                compiler_options: dict | None = None, accumulate: int = 1) -> dict:
+  """Median seconds per step of ``stage``'s train step, after an awaited
+  warm-up, with :func:`_compile_stage`'s figures."""
+  info, one = _compile_stage(stage, hierarchy, loss_fn, params, pool, chunk_pixels,
+                             fuse_meshes, compiler_options, accumulate)
+  median, times = _median_seconds(one, repeats)
+  return {**info, "seconds_per_step": median, "samples": times}
+
+
+def _time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
+  """Seconds of each of ``steps`` (name -> callable), timed in ``repeats``
+  rounds that each call every step once, in order.
+
+  A slow drift of the machine's speed (other tenants, thermal or frequency
+  changes) then falls on all steps alike instead of on whichever was timed
+  last, and round ``r``'s times form a pair for a per-round ratio.
+  """
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step())
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 def memory_budget_bytes() -> int:
@@ -263,10 +295,15 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   ``accumulate_same`` micro-batches with gradient accumulation (0: only when
   its planned memory, estimated from the batch-``N0`` step, would not fit;
   see :func:`accumulation_for`); it is still one optimizer step on the same
-  samples, and its time is that of all its calls."""
+  samples, and its time is that of all its calls.
+
+  Each model and size compiles all its steps first, then times them in
+  interleaved rounds (:func:`_time_interleaved`). ``speed_ratio`` is the
+  ratio of the medians; ``speed_ratio_rounds`` has the ratio within each
+  round, whose spread shows how far the machine's noise moves it."""
   rows = []
   for model_name in config.models:
-    model = _bench_model(model_name)
+    model = _bench_model(model_name, config.compute_dtype)
     loss_fn = make_loss_fn(model)
     for size in config.sizes:
       hierarchy = Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch,
@@ -283,6 +320,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
       if same_samples:
         stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
+      steps = {}
       for key, (stage, fuse) in stages.items():
         accumulate = 1
         if key == f"single_b{total}":
@@ -295,12 +333,18 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           if accumulate > 1:
             row["single_same_estimated_temp_bytes"] = estimate
             stage = fm.Stage((0,), (total // accumulate,), 1)
-        progress(f"  {model_name} {size}^2 {key} ..."
+        progress(f"  {model_name} {size}^2 {key}: compiling"
                  + (f" (in {accumulate} accumulated micro-batches)" if accumulate > 1 else ""))
-        row[key] = _time_stage(stage, hierarchy, loss_fn, params, pool, config.repeats,
-                               chunk_pixels, fuse, accumulate=accumulate)
-        progress(f"    {row[key]['seconds_per_step'] * 1e3:.2f} ms/step, compile "
-                 f"{row[key]['compile_seconds']:.1f} s, temp {row[key]['temp_bytes']} B")
+        row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
+                                              chunk_pixels, fuse, accumulate=accumulate)
+        progress(f"    compile {row[key]['compile_seconds']:.1f} s, "
+                 f"temp {row[key]['temp_bytes']} B")
+      progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
+               f"{', '.join(steps)}")
+      for key, times in _time_interleaved(steps, config.repeats).items():
+        row[key].update(seconds_per_step=statistics.median(times), samples=times)
+        progress(f"    {key}: {row[key]['seconds_per_step'] * 1e3:.2f} ms/step")
+      del steps   # frees the compiled steps and their states before the next size
       mge_key = min((_mge_key(config.levels, m) for m in mge_modes),
                     key=lambda k: row[k]["seconds_per_step"])
       mge = row[mge_key]
@@ -311,6 +355,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         continue
       same = row[f"single_b{total}"]
       row["speed_ratio"] = same["seconds_per_step"] / mge["seconds_per_step"]
+      row["speed_ratio_rounds"] = [a / b for a, b in zip(same["samples"], mge["samples"])]
       row["wu_ratio"] = same["work_units_per_step"] / mge["work_units_per_step"]
       if mge["temp_bytes"] and same["temp_bytes"] and "accumulated_in" not in same:
         row["memory_ratio"] = mge["temp_bytes"] / same["temp_bytes"]
@@ -522,7 +567,7 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
   x pixels with ``jax.lax.map`` (one compiled loop body per mesh), so the
   working set stays bounded at 256^2. Images are random (timing only).
   """
-  model = _bench_model(model_name)
+  model = _bench_model(model_name, config.compute_dtype)
   loss_fn = make_loss_fn(model)
   rows = []
   for size in config.loss_eval_sizes:
@@ -780,9 +825,9 @@ def steps_table(rows: list[dict]) -> str:
   levels = rows[0]["levels"]
   keys = [k for k in rows[0] if k.startswith(("single_b", "mge"))]
   head = " | ".join(f"{k} s/step (compile s)" for k in keys)
-  lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | #WU ratio | "
-           "working memory mge / single-same |",
-           "|---" * (len(keys) + 5) + "|"]
+  lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | per round "
+           "(min-max) | #WU ratio | working memory mge / single-same |",
+           "|---" * (len(keys) + 6) + "|"]
   for r in rows:
     cells = " | ".join(
         f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
@@ -791,7 +836,10 @@ def steps_table(rows: list[dict]) -> str:
     mem = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "n/a"
     speed = f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "n/a"
     wu_ratio = f"{r['wu_ratio']:.2f}x" if "wu_ratio" in r else "n/a"
-    lines.append(f"| {r['model']} | {r['size']} | {cells} | {speed} | {wu_ratio} | {mem} |")
+    rounds = r.get("speed_ratio_rounds")
+    spread = f"{min(rounds):.2f}-{max(rounds):.2f}x" if rounds else "n/a"
+    lines.append(f"| {r['model']} | {r['size']} | {cells} | {speed} | {spread} | {wu_ratio} "
+                 f"| {mem} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
 
@@ -820,6 +868,9 @@ def parse_args(argv=None):
   p.add_argument("--sizes", nargs="+", type=int, default=None)
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
+  p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=None,
+                 help="steps and loss-eval: the models' compute dtype (default float32; "
+                      "bfloat16 keeps float32 params, Adam and loss)")
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="per-level chunking as in experiments.denoise (default: "
@@ -875,7 +926,7 @@ def main(argv=None) -> dict:
   overrides = {k: v for k, v in dict(
       models=tuple(args.models) if args.models else None,
       sizes=tuple(args.sizes) if args.sizes else None, levels=args.levels,
-      base_batch=args.base_batch, repeats=args.repeats,
+      base_batch=args.base_batch, repeats=args.repeats, compute_dtype=args.compute_dtype,
       loss_eval_sizes=tuple(args.loss_eval_sizes) if args.loss_eval_sizes else None,
   ).items() if v is not None}
   config = dataclasses.replace(config, **overrides)
@@ -894,7 +945,8 @@ def main(argv=None) -> dict:
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,
                                                                   config.levels))}
   md = [f"Benchmark on {out['device']} (backend {backend}, jax {jax.__version__}); "
-        f"config {config.name}; medians of {config.repeats} timed calls after warm-up."]
+        f"config {config.name}; compute dtype {config.compute_dtype}; medians of "
+        f"{config.repeats} timed calls after warm-up."]
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 

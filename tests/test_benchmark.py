@@ -26,6 +26,35 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert out["backend"] == "cpu"
 
 
+def test_steps_are_timed_in_interleaved_rounds():
+  calls = []
+
+  def step(name):
+    def run():
+      calls.append(name)
+      return 0.0
+    return run
+
+  times = benchmark._time_interleaved({"a": step("a"), "b": step("b"), "c": step("c")}, 3)
+  assert calls == ["a", "b", "c"] * 3
+  assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+  assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_bfloat16_steps_smoke_and_per_round_ratios(tmp_path):
+  out = benchmark.main(["--config", "smoke", "--repeats", "3", "--sections", "steps",
+                        "--mge", "by-mesh", "--compute-dtype", "bfloat16",
+                        "--workdir", str(tmp_path)])
+  assert out["config"]["compute_dtype"] == "bfloat16"
+  (row,) = out["steps"]
+  same, mge = row["single_b3"], row["mge2_by_mesh"]
+  assert len(same["samples"]) == len(mge["samples"]) == 3
+  assert row["speed_ratio_rounds"] == pytest.approx(
+      [a / b for a, b in zip(same["samples"], mge["samples"])])
+  assert row["speed_ratio"] == pytest.approx(same["seconds_per_step"] / mge["seconds_per_step"])
+  assert "compute dtype bfloat16" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_loss_eval_and_pipeline_smoke(tmp_path):
   out = benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "loss-eval",
                         "pipeline", "--loss-eval-model", "resnet", "--loss-eval-sizes", "32",
