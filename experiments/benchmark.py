@@ -535,6 +535,33 @@ def bench_torch(sizes, repeats: int, twin: Path, progress=print, same_samples: b
   return {"twin": str(twin), "rows": rows}
 
 
+def bracket_torch_rows(before: list[dict], after: list[dict]) -> list[dict]:
+  """Per size, the twin's times from a run just before and one just after
+  the JAX steps, and their mean under each step's name.
+
+  A drift of the machine's speed over the minutes between the two
+  frameworks' timings cancels to first order in the mean (it moved the
+  JAX / PyTorch ratio at 64^2, batch 16, between 0.90 and 1.21 from run to
+  run when the twin ran once, after all JAX steps). A step that failed in
+  either run is kept under ``errors``.
+
+  >>> bracket_torch_rows([{"res": 64, "single_b16": 1.0}], [{"res": 64, "single_b16": 1.2}])[0]["single_b16"]
+  1.1
+  """
+  rows = []
+  for b, a in zip(before, after, strict=True):
+    row = {"res": b["res"], "before": b, "after": a}
+    for kind in ("single_b16", "mge4", "single_b240"):
+      if kind in b and kind in a:
+        row[kind] = (b[kind] + a[kind]) / 2
+    errors = {k: v for k, v in {**a.get("errors", {}), **b.get("errors", {})}.items()
+              if k not in row}
+    if errors:
+      row["errors"] = errors
+    rows.append(row)
+  return rows
+
+
 def table1_hierarchy(size: int, images: int, coarsest: int = 16, base_batch: int = 16,
                      restriction: str = "nearest") -> Hierarchy:
   """The MGE paper's Table 1 set-up for a finest mesh ``size``.
@@ -885,6 +912,10 @@ def parse_args(argv=None):
   p.add_argument("--same-samples-accumulate", type=int, default=0,
                  help="steps: split single-scale on the MGE step's samples into this many "
                       "accumulated micro-batches (0: only where it would not fit in memory)")
+  p.add_argument("--torch-bracket", action=argparse.BooleanOptionalAction, default=True,
+                 help="with sections steps and torch: time the PyTorch twin just before and "
+                      "just after JAX's steps at each size and use the mean of the two "
+                      "(--no-torch-bracket: once, after all JAX steps)")
   p.add_argument("--torch-twin", type=Path, default=DEFAULT_TORCH_TWIN,
                  help="the PyTorch twin script for section 'torch' (default: %(default)s)")
   p.add_argument("--ttm-config", default=None, choices=sorted(DENOISE_CONFIGS),
@@ -957,17 +988,37 @@ def main(argv=None) -> dict:
   def save(rows):
     save_section("steps", rows)
 
+  def twin(sizes, on_row=lambda rows: None):
+    return bench_torch(sizes, config.repeats, args.torch_twin, progress,
+                       same_samples=not args.skip_same_samples, on_row=on_row)
+
+  bracket = args.torch_bracket and "steps" in args.sections and "torch" in args.sections
   if "steps" in args.sections:
-    out["steps"] = bench_steps(config, chunk, tuple(args.mge), progress, on_row=save,
-                               same_samples=not args.skip_same_samples,
-                               accumulate_same=args.same_samples_accumulate)
+    rows, torch_rows, torch_skipped = [], [], None
+    for sizes in ([(s,) for s in config.sizes] if bracket else [config.sizes]):
+      before = twin(sizes) if bracket else None
+      done = list(rows)
+      rows += bench_steps(dataclasses.replace(config, sizes=sizes), chunk, tuple(args.mge),
+                          progress, on_row=lambda new: save(done + new),
+                          same_samples=not args.skip_same_samples,
+                          accumulate_same=args.same_samples_accumulate)
+      if bracket and "skipped" in before:
+        torch_skipped = before
+      elif bracket:
+        torch_rows += bracket_torch_rows(before["rows"], twin(sizes)["rows"])
+        save_section("torch", {"twin": str(args.torch_twin), "bracketed": True,
+                               "rows": torch_rows})
+    out["steps"] = rows
     md += ["", steps_table(out["steps"])]
+    if bracket:
+      out["torch"] = torch_skipped or {"twin": str(args.torch_twin), "bracketed": True,
+                                       "rows": torch_rows}
   if "torch" in args.sections:
-    out["torch"] = bench_torch(config.sizes, config.repeats, args.torch_twin, progress,
-                               same_samples=not args.skip_same_samples,
-                               on_row=lambda rows: save_section("torch", {"rows": rows}))
-    md += ["", "PyTorch twin of the ResNet (same process run, 4 levels, batches 16..128)", "",
-           torch_table(out["torch"], out.get("steps", []))]
+    if not bracket:
+      out["torch"] = twin(config.sizes, lambda rows: save_section("torch", {"rows": rows}))
+    md += ["", "PyTorch twin of the ResNet (same process run, 4 levels, batches 16..128"
+           + ("; at each size the mean of a run just before and one just after JAX's steps)"
+              if bracket else ")"), "", torch_table(out["torch"], out.get("steps", []))]
   if "time-to-mse" in args.sections:
     out["time_to_mse"] = bench_time_to_mse(
         args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,

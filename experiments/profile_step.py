@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
-from experiments.denoise import make_loss_fn
+from experiments.denoise import COMPUTE_DTYPES, make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
@@ -78,8 +78,9 @@ def _layer_program(layer_name: str, channels: int, size: int, batch: int):
   return compiled, (lambda: compiled(params, x))
 
 
-def _step_program(model_name: str, step: str, size: int, levels: int, base_batch: int):
-  model = _bench_model(model_name)
+def _step_program(model_name: str, step: str, size: int, levels: int, base_batch: int,
+                  dtype: str = "float32"):
+  model = _bench_model(model_name, dtype)
   hierarchy = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   pool = jax.random.uniform(jax.random.key(1), (64, size, size, 3), minval=-1, maxval=1)
@@ -105,6 +106,8 @@ def parse_args(argv=None):
   p.add_argument("--model", choices=BENCH_MODELS, default=None)
   p.add_argument("--step", choices=STEPS, default="mge")
   p.add_argument("--layer", choices=BENCH_LAYERS, default="mfc")
+  p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+                 help="step: the model's compute dtype (float32 params either way)")
   p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
@@ -138,11 +141,11 @@ def main(argv=None) -> dict:
   else:
     what = {"program": "step", "model": args.model or cfg.model, "step": args.step,
             "size": args.size or cfg.size, "levels": args.levels or cfg.levels,
-            "base_batch": args.base_batch or cfg.base_batch}
+            "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype}
     compiled, run = _step_program(what["model"], what["step"], what["size"], what["levels"],
-                                  what["base_batch"])
+                                  what["base_batch"], args.compute_dtype)
     title = (f"{what['model']} {what['step']} train step at {what['size']}^2 "
-             f"(N0 = {what['base_batch']}, {what['levels']} levels)")
+             f"(N0 = {what['base_batch']}, {what['levels']} levels, {args.compute_dtype})")
   print(f"profiling {title} on {jax.devices()[0]} ...", file=sys.stderr, flush=True)
   prof = profiling.profile(compiled, calls=calls, run=run)
   out = {"config": args.config, **what, "backend": jax.default_backend(),

@@ -41,11 +41,28 @@ def test_steps_are_timed_in_interleaved_rounds():
   assert all(t >= 0 for v in times.values() for t in v)
 
 
+def test_torch_runs_before_and_after_are_averaged_per_size():
+  before = [{"res": 64, "single_b16": 1.0, "mge4": 2.0, "single_b240": 10.0},
+            {"res": 128, "single_b16": 4.0, "mge4": 9.0, "errors": {"single_b240": "killed"}}]
+  after = [{"res": 64, "single_b16": 1.2, "mge4": 2.4, "errors": {"single_b240": "killed"}},
+           {"res": 128, "single_b16": 5.0, "mge4": 10.0, "errors": {"single_b240": "killed"}}]
+  rows = benchmark.bracket_torch_rows(before, after)
+  assert [r["res"] for r in rows] == [64, 128]
+  assert rows[0]["single_b16"] == pytest.approx(1.1) and rows[0]["mge4"] == pytest.approx(2.2)
+  # A step that failed in either run has no mean, only its error.
+  assert "single_b240" not in rows[0] and rows[0]["errors"] == {"single_b240": "killed"}
+  assert rows[1]["single_b16"] == pytest.approx(4.5) and rows[1]["before"] is before[1]
+  with pytest.raises(ValueError):
+    benchmark.bracket_torch_rows(before, after[:1])
+
+
 def test_bfloat16_steps_smoke_and_per_round_ratios(tmp_path):
-  out = benchmark.main(["--config", "smoke", "--repeats", "3", "--sections", "steps",
+  out = benchmark.main(["--config", "smoke", "--repeats", "3", "--sections", "steps", "torch",
                         "--mge", "by-mesh", "--compute-dtype", "bfloat16",
+                        "--torch-twin", str(tmp_path / "no_twin.py"),
                         "--workdir", str(tmp_path)])
   assert out["config"]["compute_dtype"] == "bfloat16"
+  assert "skipped" in out["torch"]   # bracketing a missing twin skips it, steps still run
   (row,) = out["steps"]
   same, mge = row["single_b3"], row["mge2_by_mesh"]
   assert len(same["samples"]) == len(mge["samples"]) == 3

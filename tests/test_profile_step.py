@@ -10,6 +10,7 @@ from experiments import profile_step
 @pytest.mark.parametrize("argv, opcode", [
     (["--program", "layer", "--layer", "mfc"], "fft"),
     (["--program", "step", "--step", "single"], "convolution"),
+    (["--program", "step", "--step", "single", "--compute-dtype", "bfloat16"], "convolution"),
 ])
 def test_profile_step_writes_json_and_table(tmp_path, argv, opcode):
   out = profile_step.main(["--config", "smoke", "--workdir", str(tmp_path), *argv])
@@ -17,6 +18,9 @@ def test_profile_step_writes_json_and_table(tmp_path, argv, opcode):
   assert saved["program"] == out["program"] and saved["calls"] == 1
   assert opcode in {op["opcode"] for op in saved["ops"]}
   assert saved["by_opcode"] and saved["wall_seconds"] > 0
+  if "bfloat16" in argv:
+    assert saved["compute_dtype"] == "bfloat16"
+    assert any("bf16" in op["shape"] for op in saved["ops"] if op["opcode"] == opcode)
   md = (tmp_path / "profile.md").read_text()
   assert "| instruction | opcode | shape | ms / call |" in md
 
