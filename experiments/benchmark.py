@@ -140,12 +140,15 @@ CONFIGS = {
 }
 
 
+def _seconds(fn) -> float:
+  """Wall seconds of one call of ``fn``, its result awaited."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
 def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
+  times = [_seconds(fn) for _ in range(repeats)]
   return statistics.median(times), times
 
 
@@ -256,9 +259,7 @@ def _time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
   times = {name: [] for name in steps}
   for _ in range(repeats):
     for name, step in steps.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(step())
-      times[name].append(time.perf_counter() - t0)
+      times[name].append(_seconds(step))
   return times
 
 
