@@ -78,7 +78,7 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    compute_dtype, make_loss_fn, sample_denoise_batch
+    compute_dtype, make_loss_fn, resolve_sequential, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -173,7 +173,7 @@ def _memory(compiled) -> dict:
 
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
                   chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1,
-                  step_cache=None, cache_key: str = ""):
+                  step_cache=None, cache_key: str = "", sequential: bool = False):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
 
@@ -183,14 +183,16 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   their gradients and the ``k``-th applies one Adam update, i.e. one step on
   ``k`` times the stage's samples. ``step_cache`` (with ``cache_key``
   naming the model) builds the state through a
-  :class:`mgtrain.step_cache.StepCache`.
+  :class:`mgtrain.step_cache.StepCache`. ``sequential``: the step's model
+  passes one after another (:func:`mgtrain.full_multiscale.make_stage_step`).
   """
   inner = optax.adam(1e-4)
   if accumulate > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulate).gradient_transformation()
   tx = multiscale(inner, len(stage.levels), level_terms=not fuse_meshes)
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
-                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
+                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
+                            sequential=sequential)
   state = fm.fresh_state(params, seed=0, tx=tx, step_cache=step_cache,
                          cache_key=(f"experiments.benchmark adam 1e-4 {cache_key} levels="
                                     f"{len(stage.levels)} fuse={fuse_meshes} accumulate={accumulate}"))
@@ -199,7 +201,8 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
 
 def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                    chunk_pixels: int | None, fuse_meshes: bool = False,
-                   compiler_options: dict | None = None, accumulate: int = 1):
+                   compiler_options: dict | None = None, accumulate: int = 1,
+                   sequential: bool = False):
   """``stage``'s train step compiled and warmed up: ``(info, step)``.
 
   ``step()`` runs one optimizer step (``accumulate`` calls) and returns its
@@ -211,7 +214,7 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   stage's batch whose working memory is that of one call.
   """
   jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
-                                accumulate)
+                                accumulate, sequential=sequential)
   t0 = time.perf_counter()
   lowered = jitted.lower(state, pool)
   lower_s = time.perf_counter() - t0
@@ -230,7 +233,7 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   info = {"levels": list(stage.levels),
           "batch_sizes": [n * accumulate for n in stage.batch_sizes],
           "work_units_per_step": float(stage.work_units_per_step) * accumulate,
-          "fuse_meshes": fuse_meshes, "lower_seconds": lower_s,
+          "fuse_meshes": fuse_meshes, "sequential": sequential, "lower_seconds": lower_s,
           "compile_seconds": compile_s, **_memory(compiled)}
   if accumulate > 1:
     info.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
@@ -239,11 +242,12 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
 
 def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                 repeats: int, chunk_pixels: int | None, fuse_meshes: bool = False,
-                compiler_options: dict | None = None, accumulate: int = 1) -> dict:
+                compiler_options: dict | None = None, accumulate: int = 1,
+                sequential: bool = False) -> dict:
   """Median seconds per step of ``stage``'s train step, after an awaited
   warm-up, with :func:`_compile_stage`'s figures."""
   info, one = _compile_stage(stage, hierarchy, loss_fn, params, pool, chunk_pixels,
-                             fuse_meshes, compiler_options, accumulate)
+                             fuse_meshes, compiler_options, accumulate, sequential)
   median, times = _median_seconds(one, repeats)
   return {**info, "seconds_per_step": median, "samples": times}
 
@@ -288,7 +292,7 @@ def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> in
 
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
-                accumulate_same: int = 0) -> list[dict]:
+                accumulate_same: int = 0, sequential: bool = False) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
   statistics kept) and/or ``by-mesh`` (one pass per mesh). ``same_samples=False``
   leaves out single-scale on the MGE step's samples (the slowest step), and
@@ -296,7 +300,9 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   ``accumulate_same`` micro-batches with gradient accumulation (0: only when
   its planned memory, estimated from the batch-``N0`` step, would not fit;
   see :func:`accumulation_for`); it is still one optimizer step on the same
-  samples, and its time is that of all its calls.
+  samples, and its time is that of all its calls. ``sequential`` runs every
+  step's model passes (meshes, terms, chunks) one after another; then a
+  chunked step plans one chunk's memory, which the fit estimate uses.
 
   Each model and size compiles all its steps first, then times them in
   interleaved rounds (:func:`_time_interleaved`). ``speed_ratio`` is the
@@ -328,7 +334,9 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           # Planned memory grows linearly with the batch: estimate it from the
           # batch-N0 step, and split the batch where it would not fit.
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
-          estimate = small * total // config.base_batch if small else None
+          live = (chunk_size(total, size * size, chunk_pixels) if sequential and chunk_pixels
+                  else total)
+          estimate = small * live // config.base_batch if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())
           if accumulate > 1:
@@ -337,7 +345,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         progress(f"  {model_name} {size}^2 {key}: compiling"
                  + (f" (in {accumulate} accumulated micro-batches)" if accumulate > 1 else ""))
         row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
-                                              chunk_pixels, fuse, accumulate=accumulate)
+                                              chunk_pixels, fuse, accumulate=accumulate,
+                                              sequential=sequential)
         progress(f"    compile {row[key]['compile_seconds']:.1f} s, "
                  f"temp {row[key]['temp_bytes']} B")
       progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
@@ -421,7 +430,7 @@ FIRST_STEP_RUNS = ("cold", "warm", "warm_step_cache")
 
 
 def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
-                     progress=print) -> list[dict]:
+                     progress=print, sequential: bool = False) -> list[dict]:
   """Section ``first-step``: a fresh process's time to its first training step.
 
   For each model, ``python -m experiments.first_step`` runs three times in
@@ -440,7 +449,7 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
   trace and lower, compile (or the step's load) and the first step.
   ``wall_to_exit`` is measured here, from spawning the process to its exit,
   so it also holds interpreter start-up and teardown. ``cache_dir`` is
-  emptied first.
+  emptied first. ``sequential`` is passed on (``--sequential on|off``).
   """
   import shutil
   rows = []
@@ -455,6 +464,7 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
       cmd = [sys.executable, "-m", "experiments.first_step", "--model", model_name,
              "--size", str(config.first_step_size), "--levels", str(config.levels),
              "--base-batch", str(config.base_batch), "--mge", mode,
+             "--sequential", "on" if sequential else "off",
              "--compile-cache", str(cache / "xla"), *step_cache] + (
                  ["--device", device] if device else [])
       t0 = time.perf_counter()
@@ -661,7 +671,8 @@ def loss_eval_table(rows: list[dict], model_name: str) -> str:
 
 
 def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps: int,
-                   chunk_pixels: int | None, fuse_meshes: bool, progress=print) -> dict:
+                   chunk_pixels: int | None, fuse_meshes: bool, progress=print,
+                   sequential: bool = False) -> dict:
   """Section 1f: is data the bottleneck? Steps/s of the same step with and without its data work.
 
   The Multiscale step of the denoising config (``experiments.denoise``), on
@@ -696,7 +707,8 @@ def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps:
   _, history = fm.train(params=params, stages=[stage], hierarchy=h, loss_fn=loss_fn,
                         sample_fn=sample_denoise_batch, data=data.pool,
                         make_optimizer=lambda n: optax.adam(1e-4), progress=False,
-                        max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes)
+                        max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
+                        sequential=sequential)
   out["train_loop_steps_per_second"] = steps / sum(history["train_seconds"])
 
   # Fixed, already degraded batches: the step minus all data work.
@@ -705,7 +717,8 @@ def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps:
   progress("  pipeline: pre-staged batches ...")
   tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
   step = jax.jit(fm.make_stage_step(stage, h, loss_fn, lambda d, key, n: d[str(n)], tx,
-                                    chunk_pixels, fuse_meshes), donate_argnums=0)
+                                    chunk_pixels, fuse_meshes, sequential),
+                 donate_argnums=0)
   p = jax.tree.map(jnp.copy, params)
   state = fm.init_state(p, seed=0, opt_state=tx.init(p))
   compiled = step.lower(state, staged).compile()
@@ -741,7 +754,8 @@ def _first_reach(evals: list[dict], target: float) -> dict | None:
 
 def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
                       scales: tuple[int, ...], eval_every: int, workdir: Path,
-                      chunk_pixels: int | None, progress=print) -> dict:
+                      chunk_pixels: int | None, progress=print,
+                      sequential: bool = False) -> dict:
   """Section 1d: wall time for Full-Multiscale to reach single-scale's final MSE.
 
   Trains single-scale on the denoising config (``experiments.denoise``) and
@@ -765,7 +779,8 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
   def run(strategy, cfg, name):
     progress(f"  time-to-mse: {name} ...")
     r = denoise.run_strategy(cfg, strategy, workdir / name, data=data, model_name=model,
-                             progress=False, chunk_pixels=chunk_pixels)
+                             progress=False, chunk_pixels=chunk_pixels,
+                             sequential=sequential)
     return {"iterations": [s["iterations"] for s in r["stages"]],
             "work_units": r["work_units"], "final_mse": r["metrics"]["mse"],
             "train_seconds": r["train_seconds"], "compile_seconds": r["compile_seconds"],
@@ -854,8 +869,9 @@ def steps_table(rows: list[dict]) -> str:
   keys = [k for k in rows[0] if k.startswith(("single_b", "mge"))]
   head = " | ".join(f"{k} s/step (compile s)" for k in keys)
   lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | per round "
-           "(min-max) | #WU ratio | working memory mge / single-same |",
-           "|---" * (len(keys) + 6) + "|"]
+           "(min-max) | #WU ratio | working memory mge / single-same | working memory GB "
+           f"({' / '.join(keys)}) |",
+           "|---" * (len(keys) + 7) + "|"]
   for r in rows:
     cells = " | ".join(
         f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
@@ -866,8 +882,10 @@ def steps_table(rows: list[dict]) -> str:
     wu_ratio = f"{r['wu_ratio']:.2f}x" if "wu_ratio" in r else "n/a"
     rounds = r.get("speed_ratio_rounds")
     spread = f"{min(rounds):.2f}-{max(rounds):.2f}x" if rounds else "n/a"
+    gigabytes = " / ".join(f"{r[k]['temp_bytes'] / 1e9:.2f}" if r[k].get("temp_bytes")
+                           else "n/a" for k in keys)
     lines.append(f"| {r['model']} | {r['size']} | {cells} | {speed} | {spread} | {wu_ratio} "
-                 f"| {mem} |")
+                 f"| {mem} | {gigabytes} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
 
@@ -907,6 +925,9 @@ def parse_args(argv=None):
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
+  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+                 help="run each step's model passes (meshes, terms, chunks) one after "
+                      "another, as in experiments.denoise (auto: on on CPU, off on GPU)")
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
                       "(b240, the slowest step; the ratios against it are then n/a)")
@@ -966,6 +987,7 @@ def main(argv=None) -> dict:
   if chunk is None:
     chunk = CPU_CHUNK_PIXELS if backend == "cpu" else None
   chunk = chunk or None
+  sequential = resolve_sequential(args.sequential)
 
   def progress(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -973,12 +995,14 @@ def main(argv=None) -> dict:
   out = {"config": dataclasses.asdict(config), "backend": backend,
          "device": str(jax.devices()[0]), "jax": jax.__version__,
          "platform": platform.platform(), "chunk_pixels": chunk,
+         "sequential_passes": sequential,
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,
                                                                   config.levels))}
   md = [f"Benchmark on {out['device']} (backend {backend}, jax {jax.__version__}); "
-        f"config {config.name}; compute dtype {config.compute_dtype}; medians of "
-        f"{config.repeats} timed calls after warm-up."]
+        f"config {config.name}; compute dtype {config.compute_dtype}; model passes "
+        f"{'one after another' if sequential else 'side by side'} (--sequential); "
+        f"medians of {config.repeats} timed calls after warm-up."]
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -1002,7 +1026,8 @@ def main(argv=None) -> dict:
       rows += bench_steps(dataclasses.replace(config, sizes=sizes), chunk, tuple(args.mge),
                           progress, on_row=lambda new: save(done + new),
                           same_samples=not args.skip_same_samples,
-                          accumulate_same=args.same_samples_accumulate)
+                          accumulate_same=args.same_samples_accumulate,
+                          sequential=sequential)
       if bracket and "skipped" in before:
         torch_skipped = before
       elif bracket:
@@ -1024,7 +1049,7 @@ def main(argv=None) -> dict:
     out["time_to_mse"] = bench_time_to_mse(
         args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,
         tuple(args.ttm_scales),
-        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress)
+        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential)
     md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
            "validation MSE", "", time_to_mse_table(out["time_to_mse"])]
   if "loss-eval" in args.sections:
@@ -1034,12 +1059,12 @@ def main(argv=None) -> dict:
   if "pipeline" in args.sections:
     steps = args.pipeline_steps or (200 if backend == "gpu" else 20)
     out["pipeline"] = bench_pipeline(config.denoise_config, args.ttm_model, args.ttm_data_dir,
-                                     steps, chunk, backend == "gpu", progress)
+                                     steps, chunk, backend == "gpu", progress, sequential)
     md += ["", pipeline_table(out["pipeline"])]
   if "first-step" in args.sections:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
     out["first_step"] = bench_first_step(config, mode, args.device,
-                                         workdir / "first_step_cache", progress)
+                                         workdir / "first_step_cache", progress, sequential)
     md += ["", "Time to the first training step of a fresh process (cold: empty caches; "
            "warm: a second run, with JAX's persistent compilation cache alone and with "
            "mgtrain's step cache too)", "", first_step_table(out["first_step"])]

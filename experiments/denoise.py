@@ -163,6 +163,21 @@ def make_optimizer_factory(config: DenoiseConfig, first_stage_iterations: int):
   return make
 
 
+def resolve_sequential(choice: str) -> bool:
+  """``--sequential auto|on|off``: auto is on for the CPU backend only.
+
+  On CPU, running the passes one after another halves the 4-level MGE
+  step's planned memory at the same step time (``mgtrain.mge``). On a GPU
+  the effect on speed has not been measured (it takes away XLA's freedom to
+  interleave the small coarse-mesh kernels), so auto leaves it off there.
+  """
+  if choice not in ("auto", "on", "off"):
+    raise ValueError(f"--sequential is auto, on or off, not {choice!r}")
+  if choice == "auto":
+    return jax.default_backend() == "cpu"
+  return choice == "on"
+
+
 # ---------------------------------------------------------------- one run
 def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: DenoiseData,
                  model_name: str = "resnet", levels: int | None = None,
@@ -170,13 +185,14 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  progress: bool = True, stop_after: int | None = None,
                  chunk_pixels: int | None = None, fuse_meshes: bool = False,
                  mesh=None, level_parallel=None, step_cache=None,
-                 dtype: str = "float32") -> dict:
+                 dtype: str = "float32", sequential: bool = False) -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results.
 
   ``step_cache``: an optional :class:`mgtrain.step_cache.StepCache` for the
   stages' compiled steps, keyed by the model name, its compute ``dtype``,
   ``config`` and the hierarchy (everything the step closes over besides its
-  arguments).
+  arguments). ``sequential``: model passes one after another
+  (:func:`mgtrain.full_multiscale.train`), a memory lever.
   """
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
@@ -205,7 +221,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       eval_fn=eval_fn, eval_every=config.eval_every, checkpointer=ckpt,
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
-      level_parallel=level_parallel, step_cache=step_cache,
+      level_parallel=level_parallel, step_cache=step_cache, sequential=sequential,
       step_cache_key=f"experiments.denoise model={model_name} dtype={dtype} {config!r}")
   ckpt.close()
   elapsed = time.perf_counter() - t0
@@ -246,6 +262,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       "this_process_seconds": elapsed,
       "resumed_from_step": resumed_from,
       "max_pixels_per_chunk": chunk_pixels,
+      "sequential_passes": sequential,
       "metrics": {"mse": final["mse"], "psnr": final["psnr"]},
       # The optax transform's running per-level statistics of the last stage
       # (finest level first): E||g_k||^2 and the variance of each MGE term.
@@ -418,6 +435,11 @@ def parse_args(argv=None):
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default: "
                       f"{CPU_CHUNK_PIXELS} on CPU (faster there), off on GPU; 0 = off")
+  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+                 help="run a step's model passes (MGE meshes or terms, chunks) one after "
+                      "another, so it plans the largest pass's memory instead of the sum "
+                      "(same values; the 4-level MGE step's memory halves on CPU, same "
+                      "speed there). auto: on on CPU, off elsewhere (unmeasured there)")
   p.add_argument("--mge", choices=("auto", "terms", "by-mesh"), default="auto",
                  help="how a Multiscale step evaluates MGE: 'terms' (one pass per "
                       "term; keeps the per-level variance statistics) or 'by-mesh' "
@@ -485,6 +507,7 @@ def main(argv=None) -> dict:
   if chunk_pixels is None:
     chunk_pixels = CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else None
   chunk_pixels = chunk_pixels or None
+  sequential = resolve_sequential(args.sequential)
   fuse = args.mge == "by-mesh" or (args.mge == "auto" and jax.default_backend() == "gpu")
   mesh = level_parallel = None
   if args.level_parallel:
@@ -515,7 +538,7 @@ def main(argv=None) -> dict:
                      restriction=args.restriction, progress=not args.no_progress,
                      stop_after=args.stop_after, chunk_pixels=chunk_pixels,
                      fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
-                     step_cache=step_cache, dtype=args.compute_dtype)
+                     step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

@@ -49,6 +49,9 @@ def main(argv=None) -> dict:
   p.add_argument("--base-batch", type=int, default=16)
   p.add_argument("--mge", choices=("by-mesh", "terms", "single"), default="by-mesh")
   p.add_argument("--chunk-pixels", type=int, default=0, help="0: no chunking")
+  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+                 help="model passes one after another (auto: on on CPU), as in "
+                      "experiments.denoise")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache directory ('' = none: a cold compile)")
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
   import numpy as np
 
   from experiments.benchmark import BENCH_MODELS, _bench_model, stage_program
-  from experiments.denoise import make_loss_fn
+  from experiments.denoise import make_loss_fn, resolve_sequential
   from mgtrain import full_multiscale as fm
   from mgtrain.hierarchy import Hierarchy
   from mgtrain.nn import init_params
@@ -92,15 +95,17 @@ def main(argv=None) -> dict:
   stage = (fm.Stage((0,), (args.base_batch,), 1) if args.mge == "single"
            else fm.multiscale_schedule(hierarchy, 1)[0])
   t = time.perf_counter()
+  sequential = resolve_sequential(args.sequential)
   jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params,
                                 args.chunk_pixels or None, fuse_meshes=args.mge == "by-mesh",
-                                step_cache=step_cache, cache_key=f"model={args.model}")
+                                step_cache=step_cache, cache_key=f"model={args.model}",
+                                sequential=sequential)
   jax.block_until_ready(state)
   phases["state"] = time.perf_counter() - t
   hit = None
   if step_cache is not None:
     key = (f"experiments.first_step model={args.model} chunk={args.chunk_pixels} "
-           f"{stage!r} {hierarchy!r}")
+           f"sequential={sequential} {stage!r} {hierarchy!r}")
     t = time.perf_counter()
     compiled = step_cache.load(key, state, pool)
     hit = compiled is not None
@@ -121,6 +126,7 @@ def main(argv=None) -> dict:
   jax.block_until_ready(metrics["loss"])
   phases["first_step"] = time.perf_counter() - t
   out = {"model": args.model, "size": size, "levels": args.levels, "mge": args.mge,
+         "sequential": sequential,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
          "phases": phases, "before_first_step": sum(v for k, v in phases.items()

@@ -43,9 +43,11 @@ from mgtrain.nn import init_params
 
 def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                  options: dict, repeats: int, chunk_pixels: int | None = None,
-                 single_batch: int | None = None, dtype: str = "float32") -> dict:
+                 single_batch: int | None = None, dtype: str = "float32",
+                 sequential: bool = False) -> dict:
   """One variant, timed by the benchmark's own ``_time_stage``; ``dtype`` is
-  the model's compute dtype."""
+  the model's compute dtype, ``sequential`` runs the model passes one after
+  another (:func:`mgtrain.mge.sequence_after`)."""
   model = _bench_model(model_name, dtype)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
@@ -54,7 +56,7 @@ def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode:
            else fm.multiscale_schedule(h, 1)[0])
   fuse = mode == "by-mesh" and not single_batch
   row = _time_stage(stage, h, make_loss_fn(model), params, pool, repeats, chunk_pixels,
-                    fuse, compiler_options=options)
+                    fuse, compiler_options=options, sequential=sequential)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, **row}
@@ -77,6 +79,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--compute-dtype", nargs="+", choices=sorted(COMPUTE_DTYPES),
                  default=["float32"],
                  help="model compute dtypes to try (bfloat16: float32 params and Adam)")
+  p.add_argument("--sequential", nargs="+", choices=("off", "on"), default=["off"],
+                 help="model passes side by side (off) and/or one after another (on)")
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
   p.add_argument("--repeats", type=int, default=20)
@@ -91,20 +95,23 @@ def main(argv=None) -> list[dict]:
   rows = []
   for size in sizes:
     for mode in (["single"] if args.single_batch else args.mge):
-      for options, chunk, dtype in itertools.product(args.options, args.chunk_pixels,
-                                                     args.compute_dtype):
+      for options, chunk, dtype, seq in itertools.product(
+          args.options, args.chunk_pixels, args.compute_dtype, args.sequential):
         try:
           row = time_variant(args.model, size, levels, base_batch, mode, options,
-                             args.repeats, chunk or None, args.single_batch or None, dtype)
+                             args.repeats, chunk or None, args.single_batch or None, dtype,
+                             sequential=seq == "on")
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
-                 "compute_dtype": dtype, "error": str(e).splitlines()[0]}
+                 "compute_dtype": dtype, "sequential": seq == "on",
+                 "error": str(e).splitlines()[0]}
         rows.append(row)
         shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower "
-                 f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s"
+                 f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s, "
+                 f"working memory {row['temp_bytes']} B"
                  if "error" not in row else row["error"])
-        print(f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} {json.dumps(options)}: "
-              f"{shown}", flush=True)
+        print(f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
+              f"{json.dumps(options)}: {shown}", flush=True)
         (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
   return rows
 

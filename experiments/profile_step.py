@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
-from experiments.denoise import COMPUTE_DTYPES, make_loss_fn
+from experiments.denoise import COMPUTE_DTYPES, make_loss_fn, resolve_sequential
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
@@ -79,7 +79,7 @@ def _layer_program(layer_name: str, channels: int, size: int, batch: int):
 
 
 def _step_program(model_name: str, step: str, size: int, levels: int, base_batch: int,
-                  dtype: str = "float32"):
+                  dtype: str = "float32", sequential: bool = False):
   model = _bench_model(model_name, dtype)
   hierarchy = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
@@ -87,7 +87,7 @@ def _step_program(model_name: str, step: str, size: int, levels: int, base_batch
   stage = (fm.Stage((0,), (base_batch,), 1) if step == "single"
            else fm.multiscale_schedule(hierarchy, 1)[0])
   jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params, None,
-                                fuse_meshes=step == "mge-by-mesh")
+                                fuse_meshes=step == "mge-by-mesh", sequential=sequential)
   compiled = jitted.lower(state, pool).compile()
   holder = {"state": state}
 
@@ -108,6 +108,9 @@ def parse_args(argv=None):
   p.add_argument("--layer", choices=BENCH_LAYERS, default="mfc")
   p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                  help="step: the model's compute dtype (float32 params either way)")
+  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
+                 help="step: model passes one after another (auto: on on CPU), as in "
+                      "experiments.denoise")
   p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
@@ -141,9 +144,10 @@ def main(argv=None) -> dict:
   else:
     what = {"program": "step", "model": args.model or cfg.model, "step": args.step,
             "size": args.size or cfg.size, "levels": args.levels or cfg.levels,
-            "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype}
+            "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype,
+            "sequential": resolve_sequential(args.sequential)}
     compiled, run = _step_program(what["model"], what["step"], what["size"], what["levels"],
-                                  what["base_batch"], args.compute_dtype)
+                                  what["base_batch"], args.compute_dtype, what["sequential"])
     title = (f"{what['model']} {what['step']} train step at {what['size']}^2 "
              f"(N0 = {what['base_batch']}, {what['levels']} levels, {args.compute_dtype})")
   print(f"profiling {title} on {jax.devices()[0]} ...", file=sys.stderr, flush=True)

@@ -24,6 +24,9 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert mfc["mfc_forward_backward"] > 0 and mfc["conv3x3_forward_backward"] > 0
   assert "| resnet | 16 |" in (tmp_path / "benchmark.md").read_text()
   assert out["backend"] == "cpu"
+  # --sequential auto: model passes one after another on CPU, said in both files.
+  assert saved["sequential_passes"] is True and all(row[k]["sequential"] for k in keys)
+  assert "one after another" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_steps_are_timed_in_interleaved_rounds():

@@ -23,6 +23,7 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
                 "work_units", "wall_seconds", "steps", "metrics"):
       assert key in r, key
     assert r["work_units"] == r["work_units_closed_form"]
+    assert r["sequential_passes"] is True   # --sequential auto, on CPU
     assert r["params"] == 597_699
     assert set(r["metrics"]) == {"mse", "psnr"}
     assert (tmp_path / name / "loss_vs_wu.png").stat().st_size > 1000
@@ -89,3 +90,11 @@ def test_level_parallel_flag_conflicts():
 def test_bad_config_name():
   with pytest.raises(SystemExit):
     denoise.main(["--config", "huge"])
+
+
+def test_sequential_choice():
+  assert denoise.resolve_sequential("on") is True
+  assert denoise.resolve_sequential("off") is False
+  assert denoise.resolve_sequential("auto") is True   # the tests run on CPU
+  with pytest.raises(ValueError, match="auto, on or off"):
+    denoise.resolve_sequential("yes")
