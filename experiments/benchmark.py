@@ -333,10 +333,13 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         if key == f"single_b{total}":
           # Planned memory grows linearly with the batch: estimate it from the
           # batch-N0 step, and split the batch where it would not fit.
+          # Sequential chunks plan one chunk's memory, for both batches.
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
-          live = (chunk_size(total, size * size, chunk_pixels) if sequential and chunk_pixels
-                  else total)
-          estimate = small * live // config.base_batch if small else None
+          live, live_small = total, config.base_batch
+          if sequential and chunk_pixels:
+            live = chunk_size(total, size * size, chunk_pixels)
+            live_small = chunk_size(config.base_batch, size * size, chunk_pixels)
+          estimate = small * live // live_small if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())
           if accumulate > 1:
