@@ -78,7 +78,8 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    compute_dtype, make_loss_fn, resolve_sequential, sample_denoise_batch
+    add_sequential_argument, compute_dtype, make_loss_fn, resolve_sequential, \
+    sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -928,9 +929,7 @@ def parse_args(argv=None):
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
-  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
-                 help="run each step's model passes (meshes, terms, chunks) one after "
-                      "another, as in experiments.denoise (auto: on on CPU, off on GPU)")
+  add_sequential_argument(p)
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
                       "(b240, the slowest step; the ratios against it are then n/a)")

@@ -163,6 +163,19 @@ def make_optimizer_factory(config: DenoiseConfig, first_stage_iterations: int):
   return make
 
 
+SEQUENTIAL_CHOICES = ("auto", "on", "off")
+
+
+def add_sequential_argument(parser) -> None:
+  """``--sequential auto|on|off``, shared by the CLIs that build train steps."""
+  parser.add_argument(
+      "--sequential", choices=SEQUENTIAL_CHOICES, default="auto",
+      help="run a step's model passes (MGE meshes or terms, chunks) one after another, so "
+           "it plans the largest pass's memory instead of the sum (same values; the "
+           "4-level MGE step's memory halves on CPU, same speed there). auto: on on CPU, "
+           "off elsewhere (unmeasured there)")
+
+
 def resolve_sequential(choice: str) -> bool:
   """``--sequential auto|on|off``: auto is on for the CPU backend only.
 
@@ -171,7 +184,7 @@ def resolve_sequential(choice: str) -> bool:
   the effect on speed has not been measured (it takes away XLA's freedom to
   interleave the small coarse-mesh kernels), so auto leaves it off there.
   """
-  if choice not in ("auto", "on", "off"):
+  if choice not in SEQUENTIAL_CHOICES:
     raise ValueError(f"--sequential is auto, on or off, not {choice!r}")
   if choice == "auto":
     return jax.default_backend() == "cpu"
@@ -435,11 +448,7 @@ def parse_args(argv=None):
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default: "
                       f"{CPU_CHUNK_PIXELS} on CPU (faster there), off on GPU; 0 = off")
-  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
-                 help="run a step's model passes (MGE meshes or terms, chunks) one after "
-                      "another, so it plans the largest pass's memory instead of the sum "
-                      "(same values; the 4-level MGE step's memory halves on CPU, same "
-                      "speed there). auto: on on CPU, off elsewhere (unmeasured there)")
+  add_sequential_argument(p)
   p.add_argument("--mge", choices=("auto", "terms", "by-mesh"), default="auto",
                  help="how a Multiscale step evaluates MGE: 'terms' (one pass per "
                       "term; keeps the per-level variance statistics) or 'by-mesh' "

@@ -49,6 +49,8 @@ def main(argv=None) -> dict:
   p.add_argument("--base-batch", type=int, default=16)
   p.add_argument("--mge", choices=("by-mesh", "terms", "single"), default="by-mesh")
   p.add_argument("--chunk-pixels", type=int, default=0, help="0: no chunking")
+  # Not experiments.denoise.add_sequential_argument: importing denoise here
+  # would import jax before the "imports" phase is timed.
   p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
                  help="model passes one after another (auto: on on CPU), as in "
                       "experiments.denoise")

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
-from experiments.denoise import COMPUTE_DTYPES, make_loss_fn, resolve_sequential
+from experiments.denoise import COMPUTE_DTYPES, add_sequential_argument, make_loss_fn, \
+    resolve_sequential
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
@@ -108,9 +109,7 @@ def parse_args(argv=None):
   p.add_argument("--layer", choices=BENCH_LAYERS, default="mfc")
   p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                  help="step: the model's compute dtype (float32 params either way)")
-  p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
-                 help="step: model passes one after another (auto: on on CPU), as in "
-                      "experiments.denoise")
+  add_sequential_argument(p)
   p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)

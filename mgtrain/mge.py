@@ -160,7 +160,10 @@ def sequence_after(batch, done):
   >>> b["x"], jnp.signbit(b["x"][0]), b["n"]
   (Array([-0.,  1.], dtype=float32), Array(True, dtype=bool), Array([3], dtype=int32))
   """
-  done_leaves = [x for x in jax.tree.leaves(done) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  def inexact(x):
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+  done_leaves = [x for x in jax.tree.leaves(done) if inexact(x)]
   if not done_leaves:
     return batch
   total = sum(jnp.sum(jnp.real(x).astype(jnp.float32)) for x in done_leaves)
@@ -170,12 +173,8 @@ def sequence_after(batch, done):
   # between -0.0 and +0.0.)
   neg_zero = -jnp.abs(jnp.where(jnp.isfinite(total), total, 0.0) * 0.0)
 
-  def add(x):
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      return x + neg_zero.astype(jnp.result_type(x))
-    return x
-
-  return jax.tree.map(add, batch)
+  return jax.tree.map(lambda x: x + neg_zero.astype(jnp.result_type(x)) if inexact(x) else x,
+                      batch)
 
 
 # Chunks are unrolled (a rolled lax.scan ran 20x slower on CPU), so compile
