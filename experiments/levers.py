@@ -5,8 +5,15 @@ Each variant compiles the same denoising train step that
 with ``Lowered.compile(compiler_options=...)``, so XLA debug options are
 switched per program inside one process, then reports the median step time,
 lowering and compile seconds (the latter including lowering) and XLA's
-working memory. Results go to
-``WORKDIR/levers.json`` after every variant.
+working memory. Results go to ``WORKDIR/levers.json`` after every size.
+
+All variants of one size are compiled first and then timed in interleaved
+rounds (variant 1, 2, ..., then 1 again), as the benchmark times its steps.
+Timed one block after another, whichever variant ran first paid this VM's
+warm-up and drift: on 2026-12-03 two block-timed runs of ``--sequential off
+on`` at 64² gave off / on 3.62 / 3.57 s and, with the order swapped,
+3.45 / 4.15 s. Each row has ``ratio_to_first``: the median over rounds of its
+time over the first variant's time in the same round.
 
 The H100 figures in ``docs/benchmark_h100.md`` ("Levers measured") came from::
 
@@ -26,28 +33,36 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_MODELS, _bench_model, _time_stage
+from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
+    _time_interleaved
 from experiments.denoise import COMPUTE_DTYPES, make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
 
 
-def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
-                 options: dict, repeats: int, chunk_pixels: int | None = None,
-                 single_batch: int | None = None, dtype: str = "float32",
-                 sequential: bool = False) -> dict:
-  """One variant, timed by the benchmark's own ``_time_stage``; ``dtype`` is
-  the model's compute dtype, ``sequential`` runs the model passes one after
-  another (:func:`mgtrain.mge.sequence_after`)."""
+def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
+                    options: dict, chunk_pixels: int | None = None,
+                    single_batch: int | None = None, dtype: str = "float32",
+                    sequential: bool = False) -> tuple[dict, Callable[[], jax.Array]]:
+  """One variant compiled and warmed up by the benchmark's own ``_compile_stage``.
+
+  Returns ``(row, step)``: the variant's settings with its lowering and
+  compile seconds and memory plan, and ``step()``, which runs one optimizer
+  step and returns its loss. ``dtype`` is the model's compute dtype,
+  ``sequential`` runs the model passes one after another
+  (:func:`mgtrain.mge.sequence_after`).
+  """
   model = _bench_model(model_name, dtype)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
@@ -55,11 +70,27 @@ def time_variant(model_name: str, size: int, levels: int, base_batch: int, mode:
   stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
            else fm.multiscale_schedule(h, 1)[0])
   fuse = mode == "by-mesh" and not single_batch
-  row = _time_stage(stage, h, make_loss_fn(model), params, pool, repeats, chunk_pixels,
-                    fuse, compiler_options=options, sequential=sequential)
+  info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels, fuse,
+                              compiler_options=options, sequential=sequential)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
-          "compute_dtype": dtype, **row}
+          "compute_dtype": dtype, **info}, step
+
+
+def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
+                     repeats: int) -> list[dict]:
+  """Times ``steps`` in ``repeats`` interleaved rounds; adds to each row its
+  ``seconds_per_step`` (median), ``samples`` and ``ratio_to_first``.
+
+  ``ratio_to_first`` is the median over rounds of the step's time over
+  ``steps[0]``'s time in the same round, so a drift of the machine's speed
+  during the run cancels out of it.
+  """
+  times = _time_interleaved(dict(enumerate(steps)), repeats)
+  for i, row in enumerate(rows):
+    row.update(seconds_per_step=statistics.median(times[i]), samples=times[i],
+               ratio_to_first=statistics.median(t / f for t, f in zip(times[i], times[0])))
+  return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -94,25 +125,37 @@ def main(argv=None) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for size in sizes:
+    timed_rows, steps = [], []
     for mode in (["single"] if args.single_batch else args.mge):
       for options, chunk, dtype, seq in itertools.product(
           args.options, args.chunk_pixels, args.compute_dtype, args.sequential):
+        label = (f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
+                 f"{json.dumps(options)}")
         try:
-          row = time_variant(args.model, size, levels, base_batch, mode, options,
-                             args.repeats, chunk or None, args.single_batch or None, dtype,
-                             sequential=seq == "on")
+          row, step = compile_variant(args.model, size, levels, base_batch, mode, options,
+                                      chunk or None, args.single_batch or None, dtype,
+                                      sequential=seq == "on")
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
                  "compute_dtype": dtype, "sequential": seq == "on",
                  "error": str(e).splitlines()[0]}
+          print(f"{label}: {row['error']}", flush=True)
+        else:
+          timed_rows.append(row)
+          steps.append(step)
+          print(f"{label}: compiled (lower {row['lower_seconds']:.1f} s, compile "
+                f"{row['compile_seconds']:.1f} s, working memory {row['temp_bytes']} B)",
+                flush=True)
+        row["label"] = label
         rows.append(row)
-        shown = (f"{row['seconds_per_step'] * 1e3:.2f} ms/step, lower "
-                 f"{row['lower_seconds']:.1f} s, compile {row['compile_seconds']:.1f} s, "
-                 f"working memory {row['temp_bytes']} B"
-                 if "error" not in row else row["error"])
-        print(f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
-              f"{json.dumps(options)}: {shown}", flush=True)
-        (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
+    if steps:
+      print(f"timing {len(steps)} variant(s) at {size}^2 in {args.repeats} interleaved "
+            "round(s) ...", flush=True)
+      time_interleaved(timed_rows, steps, args.repeats)
+      for row in timed_rows:
+        print(f"{row['label']}: {row['seconds_per_step'] * 1e3:.2f} ms/step, "
+              f"{row['ratio_to_first']:.3f}x the first variant", flush=True)
+    (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
   return rows
 
 

@@ -10,5 +10,21 @@ def test_smoke_levers_time_variants_and_report_bad_options(tmp_path):
   good, bad = rows
   assert good["seconds_per_step"] > 0 and good["compile_seconds"] > 0
   assert good["temp_bytes"] > 0
-  assert "xla_no_such_option" in bad["error"]
+  assert good["ratio_to_first"] == 1.0        # the first variant against itself
+  assert "xla_no_such_option" in bad["error"] and "seconds_per_step" not in bad
   assert (tmp_path / "levers.json").exists()
+
+
+def test_variants_are_timed_in_interleaved_rounds(monkeypatch):
+  """Round r calls every variant once, in order, and ratios pair times by round."""
+  calls = []
+  clock = iter([0.0, 1.0, 1.0, 3.0,      # round 1: A 1 s, B 2 s
+                3.0, 5.0, 5.0, 11.0,     # round 2: A 2 s, B 6 s
+                11.0, 14.0, 14.0, 17.0])  # round 3: A 3 s, B 3 s
+  monkeypatch.setattr("experiments.benchmark.time.perf_counter", lambda: next(clock))
+  rows = levers.time_interleaved([{}, {}], [lambda: calls.append("A"),
+                                            lambda: calls.append("B")], 3)
+  assert calls == ["A", "B"] * 3
+  assert rows[0]["samples"] == [1.0, 2.0, 3.0] and rows[1]["samples"] == [2.0, 6.0, 3.0]
+  assert rows[1]["seconds_per_step"] == 3.0
+  assert rows[1]["ratio_to_first"] == 2.0     # median of 2, 3 and 1
