@@ -1,4 +1,4 @@
-"""A/B of step-time levers in one process: MGE evaluation mode x XLA compile options.
+"""A/B of step-time levers in one process: MGE mode x XLA options x chunks x dtype x sequencing.
 
 Each variant compiles the same denoising train step that
 ``experiments.benchmark`` times (4 levels, batches 16/32/64/128 by default)
@@ -15,7 +15,8 @@ on`` at 64² gave off / on 3.62 / 3.57 s and, with the order swapped,
 3.45 / 4.15 s. Each row has ``ratio_to_first``: the median over rounds of its
 time over the first variant's time in the same round.
 
-The H100 figures in ``docs/benchmark_h100.md`` ("Levers measured") came from::
+The H100 figures in ``docs/benchmark_h100.md`` ("Levers measured") came from
+these commands, when levers still timed its variants in blocks::
 
   python -m experiments.levers --model resnet --sizes 64 128 256 --mge terms by-mesh
   python -m experiments.levers --model resnet --sizes 64 --mge terms \\
