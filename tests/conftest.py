@@ -1,9 +1,27 @@
-"""Shared test helpers: a tiny CNN that is NOT an mgtrain model, and data."""
+"""Shared test helpers: a tiny CNN that is NOT an mgtrain model, and data.
 
+It also sets, for every test process and the CLI subprocesses they start,
+``--xla_backend_optimization_level=0`` in ``XLA_FLAGS`` unless that flag is
+already there. The suite compiles hundreds of programs and runs each on tiny
+inputs, so its time is mostly XLA compiling. The flag turns off LLVM's
+optimisation of XLA's generated fusion kernels only: every HLO pass (fusion,
+layouts, simplification) still runs, and convolutions and dots still call
+their libraries. On 2 cores the whole suite took 6 min 18 s and 6 min 19 s
+with the default level 2, 5 min 13 s with level 1 and 3 min 47 s with level 0
+(2026-12-04, same results). A user's training run should keep the default: at
+level 0 the UNet's 64^2 MGE step ran 4x slower (docs/benchmark_cpu.md). To
+test at the level users run, set ``XLA_FLAGS=--xla_backend_optimization_level=2``.
+"""
+
+import os
 import sys
 from pathlib import Path
 
-import flax.linen as nn
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+
+import flax.linen as nn  # noqa: E402  (XLA reads XLA_FLAGS when its backend starts)
 import jax
 import jax.numpy as jnp
 import pytest
