@@ -5,7 +5,8 @@ Each variant compiles the same denoising train step that
 with ``Lowered.compile(compiler_options=...)``, so XLA debug options are
 switched per program inside one process, then reports the median step time,
 lowering and compile seconds (the latter including lowering) and XLA's
-working memory. Results go to ``WORKDIR/levers.json`` after every size.
+working memory. Results go to ``WORKDIR/levers.json`` and a Markdown table
+``WORKDIR/levers.md`` (:func:`levers_table`) after every size.
 
 All variants of one size are compiled first and then timed in interleaved
 rounds (variant 1, 2, ..., then 1 again), as the benchmark times its steps.
@@ -94,6 +95,27 @@ def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
   return rows
 
 
+def levers_table(rows: list[dict]) -> str:
+  """One Markdown row per variant: settings, step time, ratio to the size's
+  first variant, compile seconds and working memory (or the compile error)."""
+  lines = ["| model | res | mode | compute | sequential | chunk | XLA options | ms / step "
+           "| ratio to first | compile s | working memory MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    mode = f"single b{r['single_batch']}" if r.get("single_batch") else r["mge"]
+    settings = (f"| {r['model']} | {r['size']} | {mode} | {r['compute_dtype']} "
+                f"| {'on' if r['sequential'] else 'off'} | {r.get('chunk_pixels') or 0} "
+                f"| `{json.dumps(r['options'])}` ")
+    if "error" in r:
+      lines.append(settings + f"| error: {r['error']} | | | |")
+    elif "seconds_per_step" not in r:
+      lines.append(settings + "| not timed | | | |")
+    else:
+      lines.append(settings + f"| {r['seconds_per_step'] * 1e3:.2f} | {r['ratio_to_first']:.3f}x "
+                   f"| {r['compile_seconds']:.1f} | {r['temp_bytes'] / 2**20:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(prog="python -m experiments.levers", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +179,7 @@ def main(argv=None) -> list[dict]:
         print(f"{row['label']}: {row['seconds_per_step'] * 1e3:.2f} ms/step, "
               f"{row['ratio_to_first']:.3f}x the first variant", flush=True)
     (workdir / "levers.json").write_text(json.dumps(rows, indent=1))
+    (workdir / "levers.md").write_text(levers_table(rows))
   return rows
 
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Issue 8's GPU checks as one prepared script, for a session that is lent a
+# GPU machine for a few minutes (README, "Step-time benchmark").
+#
+# Each part fits one device call (at most 10 minutes), and every section runs
+# under a share of a deadline, so a slow compile costs that section only and
+# the files of the others still come back. Results, at most 8 files, go to
+# $OUT (the device tool's folder; default runs/device_checks):
+#   summary.md       every section's Markdown table, in order
+#   log.txt          everything the sections printed
+#   results.tar.gz   every section's workdir (benchmark.json, levers.json, ...),
+#                    without its compilation caches
+#
+# Part 1 (default), about 9 minutes on an H100 in earlier sessions:
+#   ResNet steps (single b16, 4-level MGE by mesh, single b240) at 64/128/256^2;
+#   mesh-free conv vs 3x3 conv; time to the first UNet MGE step (cold, warm
+#   XLA cache, warm step cache); UNet steps at 64/128^2.
+# Part 2: levers in one process each: model passes one after another
+#   (--sequential off/on) and bfloat16 compute, ResNet MGE by mesh.
+#
+# On the device machine, from the repository root, with dm-pix carried as a
+# wheel in .whl (the device README says how to download it):
+#   bash experiments/device_checks.sh 1
+# Here, in seconds, to check the plumbing (the tests do this):
+#   CONFIG=smoke DEVICE=cpu OUT=/tmp/dc bash experiments/device_checks.sh 1
+#
+# Environment: OUT (results), CONFIG (gpu | smoke; default gpu), DEVICE
+# (passed to the benchmark's --device; default: what JAX finds), BUDGET_S
+# (seconds for the whole part; default 540), WORK (scratch folder).
+set -uo pipefail
+
+part="${1:-1}"
+case "$part" in
+  1|2) ;;
+  *) echo "usage: $0 [1|2]  (part 1: steps, mfc, first step; part 2: levers)" >&2; exit 2 ;;
+esac
+
+CONFIG="${CONFIG:-gpu}"
+case "$CONFIG" in
+  gpu|smoke) ;;
+  *) echo "CONFIG must be gpu or smoke, not '$CONFIG'" >&2; exit 2 ;;
+esac
+OUT="${OUT:-runs/device_checks}"
+WORK="${WORK:-$(mktemp -d /tmp/mgtrain_device_checks.XXXXXX)}"
+BUDGET_S="${BUDGET_S:-540}"
+mkdir -p "$OUT" "$WORK"
+log="$OUT/log.txt"
+summary="$OUT/summary.md"
+: >"$log"
+echo "# mgtrain device checks, part $part, config $CONFIG ($(date -u +%FT%TZ))" >"$summary"
+
+# Carried wheels (dm-pix is not on the GPU machine), as the device README does it.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed" | tee -a "$log"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+device_args=()
+[ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
+
+{
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} >>"$log" 2>&1
+
+start=$(date +%s)
+
+# section NAME SHARE TABLE_FILE COMMAND...: runs COMMAND with --workdir
+# $WORK/NAME under a limit of SHARE percent of the budget (or what is left,
+# if less), then appends its table to the summary.
+section() {
+  local name="$1" share="$2" table="$3"
+  shift 3
+  local left=$(( BUDGET_S - ($(date +%s) - start) ))
+  local limit=$(( BUDGET_S * share / 100 ))
+  (( limit > left )) && limit=$left
+  if (( limit < 20 )); then
+    echo "## $name: skipped, ${left}s of the budget left" | tee -a "$log" >>"$summary"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*" >>"$log"
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" --workdir "$WORK/$name" >>"$log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  {
+    echo
+    echo "## $name (rc $rc, ${took}s)"
+    echo
+    echo "\`$*\`"
+    echo
+    if [ -f "$WORK/$name/$table" ]; then cat "$WORK/$name/$table"; else echo "(no $table: see log.txt)"; fi
+  } >>"$summary"
+  echo "== $name: rc $rc in ${took}s" >>"$log"
+}
+
+bench=(python3 -m experiments.benchmark --config "$CONFIG" "${device_args[@]}")
+levers=(python3 -m experiments.levers)
+if [ "$CONFIG" = smoke ]; then
+  resnet_sizes=(); unet_sizes=(); lever_sizes=(); repeats=(--repeats 1)
+  levers+=(--config smoke)
+else
+  resnet_sizes=(--sizes 64 128 256); unet_sizes=(--sizes 64 128)
+  lever_sizes=(--sizes 64 128 256); repeats=(--repeats 10)
+fi
+
+if [ "$part" = 1 ]; then
+  section resnet_steps 30 benchmark.md "${bench[@]}" --sections steps --models resnet \
+    --mge by-mesh "${resnet_sizes[@]}" "${repeats[@]}"
+  section mfc 10 benchmark.md "${bench[@]}" --sections mfc
+  section first_step 30 benchmark.md "${bench[@]}" --sections first-step
+  section unet_steps 100 benchmark.md "${bench[@]}" --sections steps --models unet \
+    --mge by-mesh "${unet_sizes[@]}" "${repeats[@]}"
+else
+  section levers_sequential 50 levers.md "${levers[@]}" --model resnet --mge by-mesh \
+    "${lever_sizes[@]}" --sequential off on "${repeats[@]}"
+  section levers_bfloat16 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
+    "${lever_sizes[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
+fi
+
+# Compiled programs stay behind: the UNet's are tens of MB, and a file that
+# comes back from the device machine may hold 16 MiB at most.
+tar czf "$OUT/results.tar.gz" --exclude='*_cache' -C "$WORK" . 2>>"$log"
+echo "part $part done in $(( $(date +%s) - start ))s; results in $OUT" | tee -a "$log"

@@ -1,0 +1,58 @@
+"""experiments/device_checks.sh: the prepared GPU checks, run here in smoke mode."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "device_checks.sh"
+
+
+def _run(tmp_path, *args, **env):
+  full_env = {**os.environ, "CONFIG": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
+              "WORK": str(tmp_path / "work"),
+              # The script runs `python3`; make it this interpreter's.
+              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+  return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_part_2_writes_summary_log_and_results(tmp_path):
+  proc = _run(tmp_path, "2", BUDGET_S="300")
+  assert proc.returncode == 0, proc.stderr
+  out = tmp_path / "out"
+  assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.tar.gz", "summary.md"]
+  summary = (out / "summary.md").read_text()
+  for name in ("levers_sequential", "levers_bfloat16"):
+    assert f"## {name} (rc 0," in summary
+  # Each lever's table, with both of its variants timed.
+  assert summary.count("| resnet | 16 | by-mesh | float32 | off |") == 2
+  assert "| resnet | 16 | by-mesh | float32 | on |" in summary
+  assert "| resnet | 16 | by-mesh | bfloat16 | off |" in summary
+  with tarfile.open(out / "results.tar.gz") as tar:
+    names = tar.getnames()
+  assert "./levers_sequential/levers.json" in names
+  assert "./levers_bfloat16/levers.md" in names
+
+
+def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
+  proc = _run(tmp_path, "1", BUDGET_S="10")
+  assert proc.returncode == 0, proc.stderr
+  summary = (tmp_path / "out" / "summary.md").read_text()
+  for name in ("resnet_steps", "mfc", "first_step", "unet_steps"):
+    assert f"## {name}: skipped" in summary
+  assert "experiments.benchmark" not in (tmp_path / "out" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (("3",), {}, "usage"),
+    (("1",), {"CONFIG": "paper"}, "CONFIG must be gpu or smoke"),
+])
+def test_bad_arguments_are_refused(tmp_path, args, env, message):
+  proc = _run(tmp_path, *args, **env)
+  assert proc.returncode == 2
+  assert message in proc.stderr
