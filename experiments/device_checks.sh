@@ -11,12 +11,14 @@
 #   results.tar.gz   every section's workdir (benchmark.json, levers.json, ...),
 #                    without its compilation caches
 #
-# Part 1 (default), about 9 minutes on an H100 in earlier sessions:
+# Part 1 (default), at most BUDGET_S (9 minutes), sized from the H100 compile
+# times of an earlier session:
 #   ResNet steps (single b16, 4-level MGE by mesh, single b240) at 64/128/256^2;
 #   mesh-free conv vs 3x3 conv; time to the first UNet MGE step (cold, warm
-#   XLA cache, warm step cache); UNet steps at 64/128^2.
-# Part 2: levers in one process each: model passes one after another
-#   (--sequential off/on) and bfloat16 compute, ResNet MGE by mesh.
+#   XLA cache, warm step cache); UNet steps (b16, MGE) at 64^2.
+# Part 2: UNet steps at 128^2, then levers in one process each: model passes
+#   one after another (--sequential off/on) and bfloat16 compute, ResNet MGE
+#   by mesh at 64/128/256^2.
 #
 # On the device machine, from the repository root, with dm-pix carried as a
 # wheel in .whl (the device README says how to download it):
@@ -100,22 +102,27 @@ section() {
 bench=(python3 -m experiments.benchmark --config "$CONFIG" "${device_args[@]}")
 levers=(python3 -m experiments.levers)
 if [ "$CONFIG" = smoke ]; then
-  resnet_sizes=(); unet_sizes=(); lever_sizes=(); repeats=(--repeats 1)
+  resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); repeats=(--repeats 1)
   levers+=(--config smoke)
 else
-  resnet_sizes=(--sizes 64 128 256); unet_sizes=(--sizes 64 128)
+  resnet_sizes=(--sizes 64 128 256); unet_sizes_1=(--sizes 64); unet_sizes_2=(--sizes 128)
   lever_sizes=(--sizes 64 128 256); repeats=(--repeats 10)
 fi
 
+# Shares follow the H100 compile times of docs/benchmark_h100.md: the ResNet
+# steps compiled for 137 s in all (the 256^2 b240 step 48 s of it), the UNet's
+# MGE step for 66-75 s and its b16 step for about 30 s per size.
 if [ "$part" = 1 ]; then
-  section resnet_steps 30 benchmark.md "${bench[@]}" --sections steps --models resnet \
+  section resnet_steps 40 benchmark.md "${bench[@]}" --sections steps --models resnet \
     --mge by-mesh "${resnet_sizes[@]}" "${repeats[@]}"
-  section mfc 10 benchmark.md "${bench[@]}" --sections mfc
+  section mfc 8 benchmark.md "${bench[@]}" --sections mfc
   section first_step 30 benchmark.md "${bench[@]}" --sections first-step
-  section unet_steps 100 benchmark.md "${bench[@]}" --sections steps --models unet \
-    --mge by-mesh "${unet_sizes[@]}" "${repeats[@]}"
+  section unet_steps_64 100 benchmark.md "${bench[@]}" --sections steps --models unet \
+    --mge by-mesh "${unet_sizes_1[@]}" --skip-same-samples "${repeats[@]}"
 else
-  section levers_sequential 50 levers.md "${levers[@]}" --model resnet --mge by-mesh \
+  section unet_steps_128 40 benchmark.md "${bench[@]}" --sections steps --models unet \
+    --mge by-mesh "${unet_sizes_2[@]}" --skip-same-samples "${repeats[@]}"
+  section levers_sequential 30 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_sizes[@]}" --sequential off on "${repeats[@]}"
   section levers_bfloat16 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_sizes[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"

@@ -27,7 +27,7 @@ def test_part_2_writes_summary_log_and_results(tmp_path):
   out = tmp_path / "out"
   assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.tar.gz", "summary.md"]
   summary = (out / "summary.md").read_text()
-  for name in ("levers_sequential", "levers_bfloat16"):
+  for name in ("unet_steps_128", "levers_sequential", "levers_bfloat16"):
     assert f"## {name} (rc 0," in summary
   # Each lever's table, with both of its variants timed.
   assert summary.count("| resnet | 16 | by-mesh | float32 | off |") == 2
@@ -35,6 +35,7 @@ def test_part_2_writes_summary_log_and_results(tmp_path):
   assert "| resnet | 16 | by-mesh | bfloat16 | off |" in summary
   with tarfile.open(out / "results.tar.gz") as tar:
     names = tar.getnames()
+  assert "./unet_steps_128/benchmark.json" in names
   assert "./levers_sequential/levers.json" in names
   assert "./levers_bfloat16/levers.md" in names
 
@@ -43,7 +44,7 @@ def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
   proc = _run(tmp_path, "1", BUDGET_S="10")
   assert proc.returncode == 0, proc.stderr
   summary = (tmp_path / "out" / "summary.md").read_text()
-  for name in ("resnet_steps", "mfc", "first_step", "unet_steps"):
+  for name in ("resnet_steps", "mfc", "first_step", "unet_steps_64"):
     assert f"## {name}: skipped" in summary
   assert "experiments.benchmark" not in (tmp_path / "out" / "log.txt").read_text()
 
