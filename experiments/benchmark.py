@@ -434,7 +434,8 @@ FIRST_STEP_RUNS = ("cold", "warm", "warm_step_cache")
 
 
 def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
-                     progress=print, sequential: bool = False) -> list[dict]:
+                     progress=print, sequential: bool = False,
+                     runs: tuple[str, ...] = FIRST_STEP_RUNS) -> list[dict]:
   """Section ``first-step``: a fresh process's time to its first training step.
 
   For each model, ``python -m experiments.first_step`` runs three times in
@@ -454,15 +455,20 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
   ``wall_to_exit`` is measured here, from spawning the process to its exit,
   so it also holds interpreter start-up and teardown. ``cache_dir`` is
   emptied first. ``sequential`` is passed on (``--sequential on|off``).
+  ``runs`` picks some of them, in this order (``("cold",)`` times a cold
+  compile alone, e.g. under other ``XLA_FLAGS``, which the children inherit).
   """
   import shutil
+  unknown = set(runs) - set(FIRST_STEP_RUNS)
+  if unknown or not runs:
+    raise ValueError(f"first-step runs must be some of {FIRST_STEP_RUNS}, not {runs}")
   rows = []
   for model_name in config.first_step_models:
     cache = cache_dir / model_name
     shutil.rmtree(cache, ignore_errors=True)
     row = {"model": model_name, "size": config.first_step_size, "levels": config.levels,
            "base_batch": config.base_batch, "mge": mode}
-    for run in FIRST_STEP_RUNS:
+    for run in (r for r in FIRST_STEP_RUNS if r in runs):
       progress(f"  first step, {model_name} {config.first_step_size}^2 {mode}, {run} ...")
       step_cache = [] if run == "warm" else ["--step-cache", str(cache / "steps")]
       cmd = [sys.executable, "-m", "experiments.first_step", "--model", model_name,
@@ -496,7 +502,9 @@ def first_step_table(rows: list[dict]) -> str:
            "|---" * 12 + "|"]
   for r in rows:
     for run in FIRST_STEP_RUNS:
-      c = r.get(run, {})
+      if run not in r:
+        continue
+      c = r[run]
       if "phases" not in c:
         lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
                      f"{c.get('error', 'not run')} |" + " |" * 7)
@@ -961,6 +969,10 @@ def parse_args(argv=None):
                  help="loss-eval: samples x pixels per evaluated chunk")
   p.add_argument("--pipeline-steps", type=int, default=None,
                  help="pipeline: steps per measurement (default 200 on GPU, 20 on CPU)")
+  p.add_argument("--first-step-runs", nargs="+", choices=FIRST_STEP_RUNS,
+                 default=list(FIRST_STEP_RUNS),
+                 help="first-step: which fresh processes to run (default: all three; "
+                      "'cold' alone times a cold compile, e.g. under other XLA_FLAGS)")
   p.add_argument("--workdir", default="runs/benchmark")
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache dir (default off, so compile "
@@ -1066,7 +1078,8 @@ def main(argv=None) -> dict:
   if "first-step" in args.sections:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
     out["first_step"] = bench_first_step(config, mode, args.device,
-                                         workdir / "first_step_cache", progress, sequential)
+                                         workdir / "first_step_cache", progress, sequential,
+                                         tuple(args.first_step_runs))
     md += ["", "Time to the first training step of a fresh process (cold: empty caches; "
            "warm: a second run, with JAX's persistent compilation cache alone and with "
            "mgtrain's step cache too)", "", first_step_table(out["first_step"])]

@@ -19,6 +19,15 @@
 # Part 2: UNet steps at 128^2, then levers in one process each: model passes
 #   one after another (--sequential off/on) and bfloat16 compute, ResNet MGE
 #   by mesh at 64/128/256^2.
+# Part 3: compile-time levers for the UNet MGE step at 64^2 (the first step's
+#   cold compile took 58 s on an H200, against a 20 s target). Each cold
+#   compile runs in a fresh process with empty caches, because XLA's
+#   autotuner keeps its results in memory for the rest of a process: XLA's
+#   defaults, then --xla_gpu_autotune_level=1 (keeps autotuning, skips its
+#   buffer initialisation and correctness checks), then
+#   --xla_gpu_force_compilation_parallelism=16. Then the step time under
+#   autotune level 1 against the default (one process, interleaved rounds),
+#   and bfloat16 compute for the ResNet at 256^2, which part 2 did not reach.
 #
 # On the device machine, from the repository root, with dm-pix carried as a
 # wheel in .whl (the device README says how to download it):
@@ -33,8 +42,9 @@ set -uo pipefail
 
 part="${1:-1}"
 case "$part" in
-  1|2) ;;
-  *) echo "usage: $0 [1|2]  (part 1: steps, mfc, first step; part 2: levers)" >&2; exit 2 ;;
+  1|2|3) ;;
+  *) echo "usage: $0 [1|2|3]  (part 1: steps, mfc, first step; part 2: UNet 128^2, levers;" \
+          "part 3: compile levers)" >&2; exit 2 ;;
 esac
 
 CONFIG="${CONFIG:-gpu}"
@@ -70,7 +80,8 @@ device_args=()
 
 start=$(date +%s)
 
-# section NAME SHARE TABLE_FILE COMMAND...: runs COMMAND with --workdir
+# section NAME SHARE TABLE_FILE COMMAND...: runs COMMAND (which may start
+# with `env VAR=value`) with --workdir
 # $WORK/NAME under a limit of SHARE percent of the budget (or what is left,
 # if less), then appends its table to the summary.
 section() {
@@ -102,30 +113,45 @@ section() {
 bench=(python3 -m experiments.benchmark --config "$CONFIG" "${device_args[@]}")
 levers=(python3 -m experiments.levers)
 if [ "$CONFIG" = smoke ]; then
-  resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); repeats=(--repeats 1)
+  resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); lever_size_256=()
+  unet_lever=(--model resnet); repeats=(--repeats 1)
   levers+=(--config smoke)
 else
   resnet_sizes=(--sizes 64 128 256); unet_sizes_1=(--sizes 64); unet_sizes_2=(--sizes 128)
-  lever_sizes=(--sizes 64 128 256); repeats=(--repeats 10)
+  lever_sizes=(--sizes 64 128 256); lever_size_256=(--sizes 256)
+  unet_lever=(--model unet --sizes 64); repeats=(--repeats 10)
 fi
 
 # Shares follow the H100 compile times of docs/benchmark_h100.md: the ResNet
 # steps compiled for 137 s in all (the 256^2 b240 step 48 s of it), the UNet's
-# MGE step for 66-75 s and its b16 step for about 30 s per size.
+# MGE step for 66-75 s and its b16 step for about 30 s per size. On the H200
+# (2026-12-04) the mesh-free conv section needed 44-100 s, hence its 20%.
 if [ "$part" = 1 ]; then
   section resnet_steps 40 benchmark.md "${bench[@]}" --sections steps --models resnet \
     --mge by-mesh "${resnet_sizes[@]}" "${repeats[@]}"
-  section mfc 8 benchmark.md "${bench[@]}" --sections mfc
+  section mfc 20 benchmark.md "${bench[@]}" --sections mfc
   section first_step 30 benchmark.md "${bench[@]}" --sections first-step
   section unet_steps_64 100 benchmark.md "${bench[@]}" --sections steps --models unet \
     --mge by-mesh "${unet_sizes_1[@]}" --skip-same-samples "${repeats[@]}"
-else
+elif [ "$part" = 2 ]; then
   section unet_steps_128 40 benchmark.md "${bench[@]}" --sections steps --models unet \
     --mge by-mesh "${unet_sizes_2[@]}" --skip-same-samples "${repeats[@]}"
   section levers_sequential 30 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_sizes[@]}" --sequential off on "${repeats[@]}"
   section levers_bfloat16 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_sizes[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
+else
+  cold=("${bench[@]}" --sections first-step --first-step-runs cold)
+  flags="${XLA_FLAGS:-}"
+  section first_step_cold_default 20 benchmark.md "${cold[@]}"
+  section first_step_cold_autotune1 20 benchmark.md \
+    env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
+  section first_step_cold_parallel16 20 benchmark.md \
+    env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
+  section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
+    --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
+  section levers_bfloat16_256 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
+    "${lever_size_256[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
 fi
 
 # Compiled programs stay behind: the UNet's are tens of MB, and a file that

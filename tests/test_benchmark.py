@@ -196,6 +196,24 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
   assert "| resnet | 16 | by-mesh | warm (XLA + step cache) |" in md
 
 
+def test_first_step_cold_run_alone(tmp_path):
+  out = benchmark.main(["--config", "smoke", "--sections", "first-step", "--mge", "by-mesh",
+                        "--first-step-runs", "cold", "--workdir", str(tmp_path)])
+  (row,) = out["first_step"]
+  assert "cold" in row and "warm" not in row and "warm_step_cache" not in row
+  assert row["cold"]["step_cache"] == "miss" and row["cold"]["phases"]["compile"] > 0
+  md = (tmp_path / "benchmark.md").read_text()
+  assert "| resnet | 16 | by-mesh | cold |" in md and "warm" not in md.split("|---")[-1]
+
+
+def test_first_step_rejects_unknown_runs(tmp_path):
+  with pytest.raises(ValueError, match="first-step runs"):
+    benchmark.bench_first_step(benchmark.CONFIGS["smoke"], "by-mesh", None, tmp_path,
+                               runs=("hot",))
+  with pytest.raises(ValueError, match="first-step runs"):
+    benchmark.bench_first_step(benchmark.CONFIGS["smoke"], "by-mesh", None, tmp_path, runs=())
+
+
 def test_same_samples_step_split_into_accumulated_micro_batches(tmp_path):
   out = benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "steps",
                         "--mge", "by-mesh", "--same-samples-accumulate", "3",

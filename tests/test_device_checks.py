@@ -40,6 +40,25 @@ def test_part_2_writes_summary_log_and_results(tmp_path):
   assert "./levers_bfloat16/levers.md" in names
 
 
+def test_part_3_cold_compiles_in_fresh_processes_under_each_flag(tmp_path):
+  proc = _run(tmp_path, "3", BUDGET_S="300")
+  assert proc.returncode == 0, proc.stderr
+  summary = (tmp_path / "out" / "summary.md").read_text()
+  names = ("first_step_cold_default", "first_step_cold_autotune1",
+           "first_step_cold_parallel16", "levers_autotune", "levers_bfloat16_256")
+  for name in names:
+    assert f"## {name} (rc 0," in summary
+  # Each cold run's table has its one row, and the flag reached its process.
+  assert summary.count("| by-mesh | cold |") == 3
+  assert "env XLA_FLAGS=" in summary and "--xla_gpu_autotune_level=1 python3" in summary
+  assert '`{"xla_gpu_autotune_level": 1}`' in summary
+  with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+    got = tar.getnames()
+  assert "./first_step_cold_autotune1/benchmark.json" in got
+  # The cold runs' caches stay behind, as every compilation cache does.
+  assert not [n for n in got if "first_step_cache" in n]
+
+
 def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
   proc = _run(tmp_path, "1", BUDGET_S="10")
   assert proc.returncode == 0, proc.stderr
@@ -50,7 +69,7 @@ def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (("3",), {}, "usage"),
+    (("4",), {}, "usage"),
     (("1",), {"CONFIG": "paper"}, "CONFIG must be gpu or smoke"),
 ])
 def test_bad_arguments_are_refused(tmp_path, args, env, message):
