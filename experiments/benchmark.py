@@ -498,8 +498,8 @@ def first_step_table(rows: list[dict]) -> str:
             "warm_step_cache": "warm (XLA + step cache)"}
   lines = ["| model | res | step | run | imports s | init s | state s | trace+lower s | "
            "compile or load s | first step s | time to first step s (in process) | "
-           "process wall s |",
-           "|---" * 12 + "|"]
+           "process wall s | initial params (sha256) |",
+           "|---" * 13 + "|"]
   for r in rows:
     for run in FIRST_STEP_RUNS:
       if run not in r:
@@ -507,13 +507,14 @@ def first_step_table(rows: list[dict]) -> str:
       c = r[run]
       if "phases" not in c:
         lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
-                     f"{c.get('error', 'not run')} |" + " |" * 7)
+                     f"{c.get('error', 'not run')} |" + " |" * 8)
         continue
       ph = c["phases"]
       lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
                    f"{ph['imports']:.1f} | {ph['init']:.1f} | {ph['state']:.1f} | "
                    f"{ph['trace_and_lower']:.1f} | {ph['compile']:.1f} | "
-                   f"{ph['first_step']:.2f} | {c['since_start']:.1f} | {c['wall_to_exit']:.1f} |")
+                   f"{ph['first_step']:.2f} | {c['since_start']:.1f} | {c['wall_to_exit']:.1f} | "
+                   f"{c.get('params_sha256', '')[:12]} |")
   return "\n".join(lines)
 
 

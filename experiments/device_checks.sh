@@ -25,7 +25,11 @@
 #   autotuner keeps its results in memory for the rest of a process: XLA's
 #   defaults, then --xla_gpu_autotune_level=1 (keeps autotuning, skips its
 #   buffer initialisation and correctness checks), then
-#   --xla_gpu_force_compilation_parallelism=16. Then the step time under
+#   --xla_gpu_force_compilation_parallelism=16, then JAX's threefry PRNG
+#   lowered to one CUDA kernel (JAX_THREEFRY_GPU_KERNEL_LOWERING; the UNet's
+#   initialiser is mostly random-number kernels). Each run prints the initial
+#   parameters' sha256, to show that a flag left them as they were. Then the
+#   step time under
 #   autotune level 1 against the default (one process, interleaved rounds),
 #   and bfloat16 compute for the ResNet at 256^2, which part 2 did not reach.
 #
@@ -143,11 +147,13 @@ elif [ "$part" = 2 ]; then
 else
   cold=("${bench[@]}" --sections first-step --first-step-runs cold)
   flags="${XLA_FLAGS:-}"
-  section first_step_cold_default 20 benchmark.md "${cold[@]}"
-  section first_step_cold_autotune1 20 benchmark.md \
+  section first_step_cold_default 17 benchmark.md "${cold[@]}"
+  section first_step_cold_autotune1 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
-  section first_step_cold_parallel16 20 benchmark.md \
+  section first_step_cold_parallel16 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
+  section first_step_cold_threefry_kernel 17 benchmark.md \
+    env JAX_THREEFRY_GPU_KERNEL_LOWERING=true "${cold[@]}"
   section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
     --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
   section levers_bfloat16_256 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \

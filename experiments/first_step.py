@@ -13,7 +13,8 @@ with batches ``N0, 2 N0, ...``, or single-scale batch ``N0`` with
 ``--mge single``.
 
 Prints one JSON line with each phase in seconds (``state`` builds and
-places the train state), ``since_start`` (from this
+places the train state), ``params_sha256`` (the initial parameters' bytes,
+to compare runs under different flags), ``since_start`` (from this
 module's first line, after the interpreter and any re-exec of
 :mod:`experiments.runtime`) and the cache directory used.
 ``python -m experiments.benchmark --sections first-step`` runs this three
@@ -34,6 +35,7 @@ import time
 _T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -89,6 +91,11 @@ def main(argv=None) -> dict:
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1,)), step_cache=step_cache)
   jax.block_until_ready(params)
+  # Identifies the initial parameters bit for bit, so that runs under other
+  # XLA or JAX flags show whether they changed them.
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    digest.update(np.asarray(leaf).tobytes())
   # A real run device_puts its photographs; drawing the pool with jax.random
   # would add a compilation a real run does not have.
   pool = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (64, size, size, 3)), jnp.float32)
@@ -131,7 +138,7 @@ def main(argv=None) -> dict:
          "sequential": sequential,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
-         "phases": phases, "before_first_step": sum(v for k, v in phases.items()
+         "params_sha256": digest.hexdigest(), "phases": phases, "before_first_step": sum(v for k, v in phases.items()
                                                     if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}
   print(json.dumps(out), flush=True)

@@ -194,6 +194,8 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
   md = (tmp_path / "benchmark.md").read_text()
   assert "| resnet | 16 | by-mesh | warm (XLA cache) |" in md
   assert "| resnet | 16 | by-mesh | warm (XLA + step cache) |" in md
+  # Every process started from the same parameters.
+  assert len({row[run]["params_sha256"] for run in benchmark.FIRST_STEP_RUNS}) == 1
 
 
 def test_first_step_cold_run_alone(tmp_path):

@@ -45,11 +45,16 @@ def test_part_3_cold_compiles_in_fresh_processes_under_each_flag(tmp_path):
   assert proc.returncode == 0, proc.stderr
   summary = (tmp_path / "out" / "summary.md").read_text()
   names = ("first_step_cold_default", "first_step_cold_autotune1",
-           "first_step_cold_parallel16", "levers_autotune", "levers_bfloat16_256")
+           "first_step_cold_parallel16", "first_step_cold_threefry_kernel", "levers_autotune",
+           "levers_bfloat16_256")
   for name in names:
     assert f"## {name} (rc 0," in summary
   # Each cold run's table has its one row, and the flag reached its process.
-  assert summary.count("| by-mesh | cold |") == 3
+  assert summary.count("| by-mesh | cold |") == 4
+  # No flag changed the initial parameters (on CPU none of them can).
+  digests = {line.rsplit("|", 2)[-2].strip() for line in summary.splitlines()
+             if "| by-mesh | cold |" in line}
+  assert len(digests) == 1 and len(digests.pop()) == 12
   assert "env XLA_FLAGS=" in summary and "--xla_gpu_autotune_level=1 python3" in summary
   assert '`{"xla_gpu_autotune_level": 1}`' in summary
   with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
