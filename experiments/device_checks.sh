@@ -32,6 +32,12 @@
 #   step time under
 #   autotune level 1 against the default (one process, interleaved rounds),
 #   and bfloat16 compute for the ResNet at 256^2, which part 2 did not reach.
+# Part 4: where the GPU's time goes (python -m experiments.profile_step, ms
+#   per HLO instruction): the ResNet's MGE step by mesh and its single b16
+#   step at 64^2 (the MGE step is latency-bound there: 3.50x against the
+#   4x target), the same MGE step with XLA's command buffers off (so that
+#   each kernel is traced on its own), the mesh-free conv and the 3x3 conv
+#   at 128 channels, 128^2, batch 16, and the UNet's MGE step at 64^2.
 #
 # On the device machine, from the repository root, with dm-pix carried as a
 # wheel in .whl (the device README says how to download it):
@@ -46,9 +52,9 @@ set -uo pipefail
 
 part="${1:-1}"
 case "$part" in
-  1|2|3) ;;
-  *) echo "usage: $0 [1|2|3]  (part 1: steps, mfc, first step; part 2: UNet 128^2, levers;" \
-          "part 3: compile levers)" >&2; exit 2 ;;
+  1|2|3|4) ;;
+  *) echo "usage: $0 [1|2|3|4]  (part 1: steps, mfc, first step; part 2: UNet 128^2," \
+          "levers; part 3: compile levers; part 4: profiles)" >&2; exit 2 ;;
 esac
 
 CONFIG="${CONFIG:-gpu}"
@@ -68,8 +74,8 @@ echo "# mgtrain device checks, part $part, config $CONFIG ($(date -u +%FT%TZ))" 
 # Carried wheels (dm-pix is not on the GPU machine), as the device README does it.
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed" | tee -a "$log"; exit 1; }
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$WORK/site" .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed" | tee -a "$log"; exit 1; }
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -116,7 +122,9 @@ section() {
 
 bench=(python3 -m experiments.benchmark --config "$CONFIG" "${device_args[@]}")
 levers=(python3 -m experiments.levers)
+profile=(python3 -m experiments.profile_step "${device_args[@]}")
 if [ "$CONFIG" = smoke ]; then
+  profile+=(--config smoke --calls 2); layer_args=()
   resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); lever_size_256=()
   unet_lever=(--model resnet); repeats=(--repeats 1)
   levers+=(--config smoke)
@@ -124,6 +132,7 @@ else
   resnet_sizes=(--sizes 64 128 256); unet_sizes_1=(--sizes 64); unet_sizes_2=(--sizes 128)
   lever_sizes=(--sizes 64 128 256); lever_size_256=(--sizes 256)
   unet_lever=(--model unet --sizes 64); repeats=(--repeats 10)
+  profile+=(--config paper --calls 5); layer_args=(--size 128 --channels 128 --batch 16)
 fi
 
 # Shares follow the H100 compile times of docs/benchmark_h100.md: the ResNet
@@ -144,7 +153,7 @@ elif [ "$part" = 2 ]; then
     "${lever_sizes[@]}" --sequential off on "${repeats[@]}"
   section levers_bfloat16 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_sizes[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
-else
+elif [ "$part" = 3 ]; then
   cold=("${bench[@]}" --sections first-step --first-step-runs cold)
   flags="${XLA_FLAGS:-}"
   section first_step_cold_default 17 benchmark.md "${cold[@]}"
@@ -158,9 +167,20 @@ else
     --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
   section levers_bfloat16_256 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_size_256[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
+else
+  section profile_resnet_mge 15 profile.md "${profile[@]}" --model resnet --step mge-by-mesh
+  section profile_resnet_b16 10 profile.md "${profile[@]}" --model resnet --step single
+  section profile_resnet_mge_no_command_buffers 15 profile.md \
+    env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+    "${profile[@]}" --model resnet --step mge-by-mesh
+  section profile_mfc_layer 10 profile.md "${profile[@]}" --program layer --layer mfc \
+    "${layer_args[@]}"
+  section profile_conv3x3_layer 10 profile.md "${profile[@]}" --program layer \
+    --layer conv3x3 "${layer_args[@]}"
+  section profile_unet_mge 100 profile.md "${profile[@]}" --model unet --step mge-by-mesh
 fi
 
 # Compiled programs stay behind: the UNet's are tens of MB, and a file that
 # comes back from the device machine may hold 16 MiB at most.
-tar czf "$OUT/results.tar.gz" --exclude='*_cache' -C "$WORK" . 2>>"$log"
+tar czf "$OUT/results.tar.gz" --exclude='*_cache' --exclude=./site -C "$WORK" . 2>>"$log"
 echo "part $part done in $(( $(date +%s) - start ))s; results in $OUT" | tee -a "$log"

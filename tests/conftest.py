@@ -14,6 +14,7 @@ test at the level users run, set ``XLA_FLAGS=--xla_backend_optimization_level=2`
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def tiny_model():
   model = TinyCNN()
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
   return model, params
+
+
+@pytest.fixture
+def run_device_checks(tmp_path):
+  """Runs ``experiments/device_checks.sh PART`` in smoke mode on CPU, with
+  ``$OUT`` and ``$WORK`` under ``tmp_path``; extra keywords become environment
+  variables. Returns the finished process."""
+  script = REPO / "experiments" / "device_checks.sh"
+
+  def run(*args, **env):
+    full_env = {**os.environ, "CONFIG": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
+                "WORK": str(tmp_path / "work"),
+                # The script runs `python3`; make it this interpreter's.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                **env}
+    return subprocess.run(["bash", str(script), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+  return run
 
 
 def mse_loss_fn(model):

@@ -1,28 +1,16 @@
-"""experiments/device_checks.sh: the prepared GPU checks, run here in smoke mode."""
+"""experiments/device_checks.sh: the prepared GPU checks, run here in smoke mode.
 
-import os
-import subprocess
-import sys
+Parts 3 and 4 are in test_device_checks_levers.py, so that pytest-xdist's
+``--dist loadfile`` can give them to another worker.
+"""
+
 import tarfile
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "device_checks.sh"
 
-
-def _run(tmp_path, *args, **env):
-  full_env = {**os.environ, "CONFIG": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
-              "WORK": str(tmp_path / "work"),
-              # The script runs `python3`; make it this interpreter's.
-              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
-  return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def test_part_2_writes_summary_log_and_results(tmp_path):
-  proc = _run(tmp_path, "2", BUDGET_S="300")
+def test_part_2_writes_summary_log_and_results(tmp_path, run_device_checks):
+  proc = run_device_checks("2", BUDGET_S="300")
   assert proc.returncode == 0, proc.stderr
   out = tmp_path / "out"
   assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.tar.gz", "summary.md"]
@@ -40,32 +28,8 @@ def test_part_2_writes_summary_log_and_results(tmp_path):
   assert "./levers_bfloat16/levers.md" in names
 
 
-def test_part_3_cold_compiles_in_fresh_processes_under_each_flag(tmp_path):
-  proc = _run(tmp_path, "3", BUDGET_S="300")
-  assert proc.returncode == 0, proc.stderr
-  summary = (tmp_path / "out" / "summary.md").read_text()
-  names = ("first_step_cold_default", "first_step_cold_autotune1",
-           "first_step_cold_parallel16", "first_step_cold_threefry_kernel", "levers_autotune",
-           "levers_bfloat16_256")
-  for name in names:
-    assert f"## {name} (rc 0," in summary
-  # Each cold run's table has its one row, and the flag reached its process.
-  assert summary.count("| by-mesh | cold |") == 4
-  # No flag changed the initial parameters (on CPU none of them can).
-  digests = {line.rsplit("|", 2)[-2].strip() for line in summary.splitlines()
-             if "| by-mesh | cold |" in line}
-  assert len(digests) == 1 and len(digests.pop()) == 12
-  assert "env XLA_FLAGS=" in summary and "--xla_gpu_autotune_level=1 python3" in summary
-  assert '`{"xla_gpu_autotune_level": 1}`' in summary
-  with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
-    got = tar.getnames()
-  assert "./first_step_cold_autotune1/benchmark.json" in got
-  # The cold runs' caches stay behind, as every compilation cache does.
-  assert not [n for n in got if "first_step_cache" in n]
-
-
-def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
-  proc = _run(tmp_path, "1", BUDGET_S="10")
+def test_sections_past_the_budget_are_skipped_not_started(tmp_path, run_device_checks):
+  proc = run_device_checks("1", BUDGET_S="10")
   assert proc.returncode == 0, proc.stderr
   summary = (tmp_path / "out" / "summary.md").read_text()
   for name in ("resnet_steps", "mfc", "first_step", "unet_steps_64"):
@@ -74,10 +38,10 @@ def test_sections_past_the_budget_are_skipped_not_started(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (("4",), {}, "usage"),
+    (("5",), {}, "usage"),
     (("1",), {"CONFIG": "paper"}, "CONFIG must be gpu or smoke"),
 ])
-def test_bad_arguments_are_refused(tmp_path, args, env, message):
-  proc = _run(tmp_path, *args, **env)
+def test_bad_arguments_are_refused(run_device_checks, args, env, message):
+  proc = run_device_checks(*args, **env)
   assert proc.returncode == 2
   assert message in proc.stderr
