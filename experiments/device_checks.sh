@@ -37,7 +37,9 @@
 #   step at 64^2 (the MGE step is latency-bound there: 3.50x against the
 #   4x target), the same MGE step with XLA's command buffers off (so that
 #   each kernel is traced on its own), the mesh-free conv and the 3x3 conv
-#   at 128 channels, 128^2, batch 16, and the UNet's MGE step at 64^2.
+#   at 128 channels, 128^2, batch 16, and the UNet's MGE step at 64^2. Then
+#   the UNet's MGE step at 128^2 in float32 and bfloat16 compute (30.2 ms in
+#   float32 on the H200, against a 25 ms target).
 #
 # On the device machine, from the repository root, with dm-pix carried as a
 # wheel in .whl (the device README says how to download it):
@@ -126,12 +128,13 @@ profile=(python3 -m experiments.profile_step "${device_args[@]}")
 if [ "$CONFIG" = smoke ]; then
   profile+=(--config smoke --calls 2); layer_args=()
   resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); lever_size_256=()
-  unet_lever=(--model resnet); repeats=(--repeats 1)
+  unet_lever=(--model resnet); unet_lever_128=(--model resnet); repeats=(--repeats 1)
   levers+=(--config smoke)
 else
   resnet_sizes=(--sizes 64 128 256); unet_sizes_1=(--sizes 64); unet_sizes_2=(--sizes 128)
   lever_sizes=(--sizes 64 128 256); lever_size_256=(--sizes 256)
-  unet_lever=(--model unet --sizes 64); repeats=(--repeats 10)
+  unet_lever=(--model unet --sizes 64); unet_lever_128=(--model unet --sizes 128)
+  repeats=(--repeats 10)
   profile+=(--config paper --calls 5); layer_args=(--size 128 --channels 128 --batch 16)
 fi
 
@@ -177,7 +180,9 @@ else
     "${layer_args[@]}"
   section profile_conv3x3_layer 10 profile.md "${profile[@]}" --program layer \
     --layer conv3x3 "${layer_args[@]}"
-  section profile_unet_mge 100 profile.md "${profile[@]}" --model unet --step mge-by-mesh
+  section profile_unet_mge 35 profile.md "${profile[@]}" --model unet --step mge-by-mesh
+  section levers_unet_bfloat16 100 levers.md "${levers[@]}" "${unet_lever_128[@]}" \
+    --mge by-mesh --compute-dtype float32 bfloat16 "${repeats[@]}"
 fi
 
 # Compiled programs stay behind: the UNet's are tens of MB, and a file that
