@@ -1,6 +1,7 @@
 """experiments/device_checks.sh: the prepared GPU checks, run here in smoke mode.
 
-Parts 3 and 4 are in test_device_checks_levers.py, so that pytest-xdist's
+Parts 3 and 4 are in test_device_checks_compile.py and
+test_device_checks_profiles.py, so that pytest-xdist's
 ``--dist loadfile`` can give them to another worker.
 """
 
