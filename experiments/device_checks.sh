@@ -29,9 +29,9 @@
 #   lowered to one CUDA kernel (JAX_THREEFRY_GPU_KERNEL_LOWERING; the UNet's
 #   initialiser is mostly random-number kernels). Each run prints the initial
 #   parameters' sha256, to show that a flag left them as they were. Then the
-#   step time under
-#   autotune level 1 against the default (one process, interleaved rounds),
-#   and bfloat16 compute for the ResNet at 256^2, which part 2 did not reach.
+#   step time under autotune level 1 against the default (one process,
+#   interleaved rounds), and bfloat16 compute for the ResNet at 256^2, which
+#   part 2 did not reach.
 # Part 4: where the GPU's time goes (python -m experiments.profile_step, ms
 #   per HLO instruction): the ResNet's MGE step by mesh and its single b16
 #   step at 64^2 (the MGE step is latency-bound there: 3.50x against the

@@ -138,8 +138,8 @@ def main(argv=None) -> dict:
          "sequential": sequential,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
-         "params_sha256": digest.hexdigest(), "phases": phases, "before_first_step": sum(v for k, v in phases.items()
-                                                    if k != "first_step"),
+         "params_sha256": digest.hexdigest(), "phases": phases,
+         "before_first_step": sum(v for k, v in phases.items() if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}
   print(json.dumps(out), flush=True)
   return out
