@@ -435,7 +435,8 @@ FIRST_STEP_RUNS = ("cold", "warm", "warm_step_cache")
 
 def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
                      progress=print, sequential: bool = False,
-                     runs: tuple[str, ...] = FIRST_STEP_RUNS) -> list[dict]:
+                     runs: tuple[str, ...] = FIRST_STEP_RUNS,
+                     init_platform: str | None = None) -> list[dict]:
   """Section ``first-step``: a fresh process's time to its first training step.
 
   For each model, ``python -m experiments.first_step`` runs three times in
@@ -457,6 +458,7 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
   emptied first. ``sequential`` is passed on (``--sequential on|off``).
   ``runs`` picks some of them, in this order (``("cold",)`` times a cold
   compile alone, e.g. under other ``XLA_FLAGS``, which the children inherit).
+  ``init_platform`` (e.g. ``"cpu"``) is passed on as ``--init-platform``.
   """
   import shutil
   unknown = set(runs) - set(FIRST_STEP_RUNS)
@@ -476,7 +478,8 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
              "--base-batch", str(config.base_batch), "--mge", mode,
              "--sequential", "on" if sequential else "off",
              "--compile-cache", str(cache / "xla"), *step_cache] + (
-                 ["--device", device] if device else [])
+                 ["--device", device] if device else []) + (
+                 ["--init-platform", init_platform] if init_platform else [])
       t0 = time.perf_counter()
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parents[1])
@@ -974,6 +977,9 @@ def parse_args(argv=None):
                  default=list(FIRST_STEP_RUNS),
                  help="first-step: which fresh processes to run (default: all three; "
                       "'cold' alone times a cold compile, e.g. under other XLA_FLAGS)")
+  p.add_argument("--init-platform", default=None,
+                 help="first-step: initialise the model on this platform (e.g. cpu), then "
+                      "move the parameters to the device (default: on the device)")
   p.add_argument("--workdir", default="runs/benchmark")
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache dir (default off, so compile "
@@ -1080,7 +1086,7 @@ def main(argv=None) -> dict:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
     out["first_step"] = bench_first_step(config, mode, args.device,
                                          workdir / "first_step_cache", progress, sequential,
-                                         tuple(args.first_step_runs))
+                                         tuple(args.first_step_runs), args.init_platform)
     md += ["", "Time to the first training step of a fresh process (cold: empty caches; "
            "warm: a second run, with JAX's persistent compilation cache alone and with "
            "mgtrain's step cache too)", "", first_step_table(out["first_step"])]

@@ -24,14 +24,15 @@
 #   compile runs in a fresh process with empty caches, because XLA's
 #   autotuner keeps its results in memory for the rest of a process: XLA's
 #   defaults, then --xla_gpu_autotune_level=1 (keeps autotuning, skips its
-#   buffer initialisation and correctness checks), then
-#   --xla_gpu_force_compilation_parallelism=16, then JAX's threefry PRNG
+#   buffer initialisation and correctness checks), then JAX's threefry PRNG
 #   lowered to one CUDA kernel (JAX_THREEFRY_GPU_KERNEL_LOWERING; the UNet's
-#   initialiser is mostly random-number kernels). Each run prints the initial
-#   parameters' sha256, to show that a flag left them as they were. Then the
-#   step time under autotune level 1 against the default (one process,
-#   interleaved rounds), and bfloat16 compute for the ResNet at 256^2, which
-#   part 2 did not reach.
+#   initialiser is mostly random-number kernels), then the initialiser run on
+#   the host CPU (--init-platform cpu; on CPU its parameters' sha256 begins
+#   6337712d510a). Each run prints the initial parameters' sha256, to show
+#   whether a flag changed them. Then the step time under autotune level 1
+#   against the default (one process, interleaved rounds), a cold compile
+#   under --xla_gpu_force_compilation_parallelism=16, and bfloat16 compute for
+#   the ResNet at 256^2, which part 2 did not reach.
 # Part 4: where the GPU's time goes (python -m experiments.profile_step, ms
 #   per HLO instruction): the ResNet's MGE step by mesh and its single b16
 #   step at 64^2 (the MGE step is latency-bound there: 3.50x against the
@@ -162,12 +163,13 @@ elif [ "$part" = 3 ]; then
   section first_step_cold_default 17 benchmark.md "${cold[@]}"
   section first_step_cold_autotune1 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
-  section first_step_cold_parallel16 17 benchmark.md \
-    env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
   section first_step_cold_threefry_kernel 17 benchmark.md \
     env JAX_THREEFRY_GPU_KERNEL_LOWERING=true "${cold[@]}"
+  section first_step_cold_init_on_cpu 17 benchmark.md "${cold[@]}" --init-platform cpu
   section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
     --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
+  section first_step_cold_parallel16 100 benchmark.md \
+    env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
   section levers_bfloat16_256 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_size_256[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
 else

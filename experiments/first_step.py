@@ -57,6 +57,10 @@ def main(argv=None) -> dict:
                  help="model passes one after another (auto: on on CPU), as in "
                       "experiments.denoise")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
+  p.add_argument("--init-platform", default=None,
+                 help="initialise the model on this platform (e.g. cpu) and put the "
+                      "parameters on the device (default: on the device); see "
+                      "mgtrain.nn.init_params")
   p.add_argument("--compile-cache", default="",
                  help="persistent compilation cache directory ('' = none: a cold compile)")
   p.add_argument("--step-cache", default="",
@@ -89,7 +93,7 @@ def main(argv=None) -> dict:
   hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
                         restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                       jnp.zeros((1,)), step_cache=step_cache)
+                       jnp.zeros((1,)), step_cache=step_cache, on_platform=args.init_platform)
   jax.block_until_ready(params)
   # Identifies the initial parameters bit for bit, so that runs under other
   # XLA or JAX flags show whether they changed them.
@@ -138,6 +142,7 @@ def main(argv=None) -> dict:
          "sequential": sequential,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
+         "init_platform": args.init_platform,
          "params_sha256": digest.hexdigest(), "phases": phases,
          "before_first_step": sum(v for k, v in phases.items() if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}

@@ -200,9 +200,11 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
 
 def test_first_step_cold_run_alone(tmp_path):
   out = benchmark.main(["--config", "smoke", "--sections", "first-step", "--mge", "by-mesh",
-                        "--first-step-runs", "cold", "--workdir", str(tmp_path)])
+                        "--first-step-runs", "cold", "--init-platform", "cpu",
+                        "--workdir", str(tmp_path)])
   (row,) = out["first_step"]
   assert "cold" in row and "warm" not in row and "warm_step_cache" not in row
+  assert row["cold"]["init_platform"] == "cpu"
   assert row["cold"]["step_cache"] == "miss" and row["cold"]["phases"]["compile"] > 0
   md = (tmp_path / "benchmark.md").read_text()
   assert "| resnet | 16 | by-mesh | cold |" in md and "warm" not in md.split("|---")[-1]

@@ -11,12 +11,13 @@ def test_part_3_cold_compiles_in_fresh_processes_under_each_flag(tmp_path, run_d
   assert proc.returncode == 0, proc.stderr
   summary = (tmp_path / "out" / "summary.md").read_text()
   names = ("first_step_cold_default", "first_step_cold_autotune1",
-           "first_step_cold_parallel16", "first_step_cold_threefry_kernel", "levers_autotune",
-           "levers_bfloat16_256")
+           "first_step_cold_threefry_kernel", "first_step_cold_init_on_cpu", "levers_autotune",
+           "first_step_cold_parallel16", "levers_bfloat16_256")
   for name in names:
     assert f"## {name} (rc 0," in summary
   # Each cold run's table has its one row, and the flag reached its process.
-  assert summary.count("| by-mesh | cold |") == 4
+  assert summary.count("| by-mesh | cold |") == 5
+  assert "--first-step-runs cold --init-platform cpu`" in summary
   # No flag changed the initial parameters (on CPU none of them can).
   digests = {line.rsplit("|", 2)[-2].strip() for line in summary.splitlines()
              if "| by-mesh | cold |" in line}

@@ -116,6 +116,27 @@ def test_cached_init_params_and_fresh_state_equal_the_plain_ones(tmp_path):
               b.dtype, jax.dtypes.prng_key) else b)
 
 
+def test_init_on_the_host_cpu_equals_the_plain_init_and_lands_on_the_default_device(tmp_path):
+  from mgtrain.nn import init_params
+  model = TinyCNN()
+  x = jnp.zeros((1, 8, 8, 1))
+  plain = init_params(model, jax.random.key(3), x)
+  host = [init_params(model, jax.random.key(3), x, on_platform="cpu"),
+          *(init_params(model, jax.random.key(3), x, on_platform="cpu",
+                        step_cache=StepCache(tmp_path)) for _ in range(2))]
+  # Here the host is the default device; on a GPU the values may differ in
+  # their last bits, which experiments.first_step's sha256 shows.
+  for h in host:
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(h)):
+      np.testing.assert_array_equal(a, b)
+      assert b.devices() == {jax.devices()[0]}
+  # Its own cache entry: a plain init must not load the host-compiled one.
+  init_params(model, jax.random.key(3), x, step_cache=StepCache(tmp_path))
+  assert len(list(tmp_path.glob("*.step"))) == 2
+  with pytest.raises(ValueError, match="cannot initialise on platform 'tpu'"):
+    init_params(model, jax.random.key(3), x, on_platform="tpu")
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="directory"):
     StepCache("")

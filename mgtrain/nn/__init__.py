@@ -13,7 +13,8 @@ import jax
 from mgtrain.step_cache import cached_call
 
 
-def init_params(module, key: jax.Array, *example_inputs, step_cache=None, **kwargs):
+def init_params(module, key: jax.Array, *example_inputs, step_cache=None,
+                on_platform: str | None = None, **kwargs):
   """``module.init(key, *example_inputs)`` as one jitted program.
 
   Flax's ``init`` run eagerly dispatches (and compiles) every initializer and
@@ -28,6 +29,14 @@ def init_params(module, key: jax.Array, *example_inputs, step_cache=None, **kwar
   cached compile took 2.1 s). Its key is ``repr(module)`` and ``kwargs``;
   put the package defining ``module`` in the cache's ``source_packages``.
 
+  ``on_platform="cpu"`` runs the initialiser on the host's CPU and puts the
+  parameters on the default device (``jax.devices()[0]``). On a GPU this
+  compiles the initialiser, which is mostly random-number kernels, for the
+  CPU instead of the GPU, and the parameters are then the ones a CPU run
+  initialises from the same key (threefry is bitwise the same on both, but
+  the float maths that turns its bits into normals need not be). The
+  platform must be one JAX has started (``jax_platforms``).
+
   >>> import jax.numpy as jnp
   >>> from mgtrain.nn.resnet import ResNet
   >>> params = init_params(ResNet(), jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
@@ -35,5 +44,14 @@ def init_params(module, key: jax.Array, *example_inputs, step_cache=None, **kwar
   ['block_0', 'block_1']
   """
   init = jax.jit(functools.partial(module.init, **kwargs))
-  return cached_call(step_cache, init, key, *example_inputs,
-                     key=f"mgtrain.nn.init_params {module!r} kwargs={sorted(kwargs.items())!r}")
+  cache_key = f"mgtrain.nn.init_params {module!r} kwargs={sorted(kwargs.items())!r}"
+  if on_platform is None:
+    return cached_call(step_cache, init, key, *example_inputs, key=cache_key)
+  try:
+    device = jax.devices(on_platform)[0]
+  except RuntimeError as e:
+    raise ValueError(f"cannot initialise on platform {on_platform!r}: {e}") from None
+  # Committed inputs make the jitted initialiser run where they are.
+  args = jax.device_put((key, *example_inputs), device)
+  params = cached_call(step_cache, init, *args, key=f"{cache_key} on={on_platform}")
+  return jax.device_put(params, jax.devices()[0])
