@@ -191,6 +191,20 @@ def resolve_sequential(choice: str) -> bool:
   return choice == "on"
 
 
+def resolve_compile_ahead(choice: str) -> bool:
+  """``--compile-ahead auto|on|off``: auto is on off the CPU backend.
+
+  On an accelerator the next stage's compile runs on an otherwise idle host
+  while the device trains. On a 2-core CPU the two share the cores: a
+  ``cpu4`` Full-Multiscale run took as long either way (docs/benchmark_cpu.md).
+  """
+  if choice not in SEQUENTIAL_CHOICES:
+    raise ValueError(f"--compile-ahead is auto, on or off, not {choice!r}")
+  if choice == "auto":
+    return jax.default_backend() != "cpu"
+  return choice == "on"
+
+
 # ---------------------------------------------------------------- one run
 def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: DenoiseData,
                  model_name: str = "resnet", levels: int | None = None,
@@ -198,14 +212,16 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  progress: bool = True, stop_after: int | None = None,
                  chunk_pixels: int | None = None, fuse_meshes: bool = False,
                  mesh=None, level_parallel=None, step_cache=None,
-                 dtype: str = "float32", sequential: bool = False) -> dict:
+                 dtype: str = "float32", sequential: bool = False,
+                 compile_ahead: bool = False) -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results.
 
   ``step_cache``: an optional :class:`mgtrain.step_cache.StepCache` for the
   stages' compiled steps, keyed by the model name, its compute ``dtype``,
   ``config`` and the hierarchy (everything the step closes over besides its
   arguments). ``sequential``: model passes one after another
-  (:func:`mgtrain.full_multiscale.train`), a memory lever.
+  (:func:`mgtrain.full_multiscale.train`), a memory lever. ``compile_ahead``:
+  compile each next stage's step in the background while a stage trains.
   """
   workdir.mkdir(parents=True, exist_ok=True)
   levels = config.levels if levels is None else levels
@@ -235,7 +251,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
       level_parallel=level_parallel, step_cache=step_cache, sequential=sequential,
-      step_cache_key=f"experiments.denoise model={model_name} dtype={dtype} {config!r}")
+      compile_ahead=compile_ahead, step_cache_key=f"experiments.denoise model={model_name} dtype={dtype} {config!r}")
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])
@@ -264,6 +280,8 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                   "iterations": s.iterations,
                   "work_units_per_step": float(s.work_units_per_step),
                   "compile_seconds": history["compile_seconds"][i],
+                  "background_compile_seconds":
+                      history.get("background_compile_seconds", [0.0] * len(stages))[i],
                   "train_seconds": history["train_seconds"][i]}
                  for i, s in enumerate(stages)],
       "steps": int(state.step),
@@ -276,6 +294,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       "resumed_from_step": resumed_from,
       "max_pixels_per_chunk": chunk_pixels,
       "sequential_passes": sequential,
+      "compile_ahead": compile_ahead,
       "metrics": {"mse": final["mse"], "psnr": final["psnr"]},
       # The optax transform's running per-level statistics of the last stage
       # (finest level first): E||g_k||^2 and the variance of each MGE term.
@@ -470,6 +489,12 @@ def parse_args(argv=None):
                       "from SLURM / MPI / Kubernetes)")
   p.add_argument("--num-processes", type=int, default=None)
   p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--compile-ahead", choices=SEQUENTIAL_CHOICES, default="auto",
+                 help="compile each next Full-Multiscale stage's step in a background "
+                      "thread while the current stage trains (same results). auto: on "
+                      "where the model runs on an accelerator, whose host is then idle; "
+                      "off on CPU, where the compile and the training share the cores "
+                      "(2-core CPU, cpu4 config: no gain)")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -547,7 +572,8 @@ def main(argv=None) -> dict:
                      restriction=args.restriction, progress=not args.no_progress,
                      stop_after=args.stop_after, chunk_pixels=chunk_pixels,
                      fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
-                     step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential)
+                     step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
+                     compile_ahead=resolve_compile_ahead(args.compile_ahead))
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

@@ -33,7 +33,9 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import time
 from fractions import Fraction
 from typing import Any, Callable, Sequence
@@ -256,7 +258,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
           carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False,
           level_parallel=None, step_cache=None, step_cache_key: str | None = None,
-          sequential: bool = False):
+          sequential: bool = False, compile_ahead: bool = False):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -311,6 +313,14 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       of the sum (same values; :func:`mgtrain.mge.sequence_after`). Halves
       the 4-level MGE step's memory on CPU at no cost in time there. Ignored
       with ``level_parallel``, whose terms run on separate devices.
+    compile_ahead: while a stage trains, trace and compile the next stage's
+      step in a background thread (from the abstract state the stage
+      boundary will produce), so that the next stage starts without waiting
+      for XLA. A stage's ``compile_seconds`` is then the time the loop
+      waited for its step, and ``history["background_compile_seconds"]``
+      the time each background compile took. XLA compiles with the GIL
+      released; tracing holds it. Does nothing with ``mesh`` or
+      ``level_parallel``.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -347,6 +357,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
   history = {"step": [], "loss": [], "work_units": [], "level": [], "evals": [],
              "compile_seconds": [0.0] * len(stages),
              "train_seconds": [0.0] * len(stages)}
+  ahead = compile_ahead and mesh is None and lp_devices is None
   state = fresh_state(params, seed, optimizers[0], stages[0].mesh_level, step_cache,
                       None if step_cache is None else
                       f"fm.train {step_cache_key} stage 0 {stages[0]!r} fuse={fuse_meshes}")
@@ -364,6 +375,41 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     state, history = checkpointer.restore(step, abstract)
 
   start = int(state.step)
+
+  def stage_start_state(state, s):
+    """The state stage ``s`` starts from (hot start, Algorithm 2): the same
+    parameters, the optimizer state carried over or started afresh (see
+    ``carry_optimizer``)."""
+    fresh = optimizers[s].init(state.params)
+    if carry_optimizer:
+      fresh = fresh._replace(
+          inner_state=carry_inner_state(state.opt_state.inner_state, fresh.inner_state))
+    return state.replace(opt_state=fresh, level=jnp.asarray(stages[s].mesh_level, jnp.int32))
+
+  def compile_stage(s, state_like):
+    """Stage ``s``'s compiled step for states like ``state_like`` (arrays or
+    ``jax.ShapeDtypeStruct``s)."""
+    step_fn = jax.jit(make_stage_step(stages[s], hierarchy, loss_fn, sample_fn, optimizers[s],
+                                      max_pixels_per_chunk, fuse_meshes, sequential),
+                      donate_argnums=0)
+    if step_cache is None:
+      return step_fn.lower(state_like, data).compile()
+    compiled, _ = step_cache.compile(
+        step_fn, state_like, data,
+        key=(f"fm.train {step_cache_key}\nstage {s} {stages[s]!r}\n{hierarchy!r}\n"
+             f"chunk={max_pixels_per_chunk} fuse={fuse_meshes} seq={sequential} seed={seed} "
+             f"mesh={None if mesh is None else dict(mesh.shape)}"))
+    return compiled
+
+  def compile_in_background(s, state_like):
+    t0 = time.perf_counter()
+    compiled = compile_stage(s, state_like)
+    return compiled, time.perf_counter() - t0
+
+  if ahead:
+    history["background_compile_seconds"] = [0.0] * len(stages)
+  pool = concurrent.futures.ThreadPoolExecutor(1, "mgtrain-compile-ahead") if ahead else None
+  next_compile = None   # (stage, future) of a step compiling in the background
   bar = tqdm(total=total, initial=start, desc=description, disable=not progress,
              dynamic_ncols=True)
   last_eval = None
@@ -373,14 +419,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         continue
       step_in_stage = max(start - int(bounds[s]), 0)
       if step_in_stage == 0 and s > 0:
-        # Hot start (Algorithm 2): keep the parameters; the optimizer state
-        # is carried over or started afresh (see ``carry_optimizer``).
-        fresh = jax.jit(optimizers[s].init)(state.params)
-        if carry_optimizer:
-          fresh = fresh._replace(
-              inner_state=carry_inner_state(state.opt_state.inner_state, fresh.inner_state))
-        state = state.replace(opt_state=fresh,
-                              level=jnp.asarray(stage.mesh_level, jnp.int32))
+        state = jax.jit(functools.partial(stage_start_state, s=s))(state)
       if mesh is not None:
         state = parallel.replicate(state, mesh)
       stage_data = data
@@ -390,19 +429,16 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
             stage, hierarchy, loss_fn, sample_fn, optimizers[s],
             lp_lib.device_groups(stage, lp_devices), max_pixels_per_chunk)
         state, stage_data = compiled.place(state, data)
+      elif next_compile is not None and next_compile[0] == s:
+        compiled, background = next_compile[1].result()
+        history["background_compile_seconds"][s] += background
       else:
-        step_fn = jax.jit(make_stage_step(stage, hierarchy, loss_fn, sample_fn, optimizers[s],
-                                          max_pixels_per_chunk, fuse_meshes, sequential),
-                        donate_argnums=0)
-        if step_cache is None:
-          compiled = step_fn.lower(state, data).compile()
-        else:
-          compiled, _ = step_cache.compile(
-              step_fn, state, data,
-              key=(f"fm.train {step_cache_key}\nstage {s} {stage!r}\n{hierarchy!r}\n"
-                   f"chunk={max_pixels_per_chunk} fuse={fuse_meshes} seq={sequential} seed={seed} "
-                   f"mesh={None if mesh is None else dict(mesh.shape)}"))
+        compiled = compile_stage(s, state)
+      next_compile = None
       history["compile_seconds"][s] += time.perf_counter() - t0
+      if ahead and s + 1 < len(stages):
+        next_state = jax.eval_shape(functools.partial(stage_start_state, s=s + 1), state)
+        next_compile = (s + 1, pool.submit(compile_in_background, s + 1, next_state))
 
       t_stage = time.perf_counter()
       # Step k's metrics are read after step k+1 is queued, so the device
@@ -462,6 +498,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       history["train_seconds"][s] += time.perf_counter() - t_stage
   finally:
     bar.close()
+    if pool is not None:
+      # A run stopped early (stop_after, an error) does not wait for a
+      # compile it will not use.
+      pool.shutdown(wait=False, cancel_futures=True)
   return state, history
 
 

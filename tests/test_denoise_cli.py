@@ -24,6 +24,8 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
       assert key in r, key
     assert r["work_units"] == r["work_units_closed_form"]
     assert r["sequential_passes"] is True   # --sequential auto, on CPU
+    assert r["compile_ahead"] is False      # --compile-ahead auto, on CPU
+    assert all(st["background_compile_seconds"] == 0.0 for st in r["stages"])
     assert r["params"] == 597_699
     assert set(r["metrics"]) == {"mse", "psnr"}
     assert (tmp_path / name / "loss_vs_wu.png").stat().st_size > 1000
@@ -98,3 +100,11 @@ def test_sequential_choice():
   assert denoise.resolve_sequential("auto") is True   # the tests run on CPU
   with pytest.raises(ValueError, match="auto, on or off"):
     denoise.resolve_sequential("yes")
+
+
+def test_compile_ahead_choice():
+  assert denoise.resolve_compile_ahead("on") is True
+  assert denoise.resolve_compile_ahead("off") is False
+  assert denoise.resolve_compile_ahead("auto") is False   # the tests run on CPU
+  with pytest.raises(ValueError, match="auto, on or off"):
+    denoise.resolve_compile_ahead("yes")

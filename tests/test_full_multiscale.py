@@ -92,6 +92,41 @@ def test_full_multiscale_hot_starts_and_learns():
   assert len(history["compile_seconds"]) == 2
 
 
+@pytest.mark.parametrize("carry_optimizer", [True, False])
+def test_compile_ahead_gives_the_same_run(tmp_path, carry_optimizer):
+  """Each next stage's step compiled in the background, from the abstract
+  state of the stage boundary, runs exactly as one compiled in the loop."""
+  from mgtrain.step_cache import StepCache
+  h, params, pool, sample_fn, loss_fn = _setup(levels=3, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (4, 3, 2))
+  ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn,
+                               carry_optimizer=carry_optimizer)
+  assert "background_compile_seconds" not in ref_hist
+  for cache in (None, StepCache(tmp_path)):
+    state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, compile_ahead=True,
+                         carry_optimizer=carry_optimizer, step_cache=cache,
+                         step_cache_key=None if cache is None else "test")
+    assert hist["loss"] == ref_hist["loss"]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_array_equal(a, b)
+    # Stage 0 compiles in the loop; stages 1 and 2 compiled in the background.
+    background = hist["background_compile_seconds"]
+    assert background[0] == 0.0 and background[1] > 0 and background[2] > 0
+  # The cache holds the initial state and the three stages' steps, two of
+  # them stored from the background thread.
+  assert len(list(tmp_path.glob("*.step"))) == 4
+
+
+def test_compile_ahead_stops_with_the_run():
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (3, 2))
+  state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, compile_ahead=True,
+                       stop_after=2)
+  assert int(state.step) == 2 and hist["background_compile_seconds"] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("fuse_meshes", [False, True])
 def test_resume_matches_uninterrupted(tmp_path, fuse_meshes):
   """Stop, resume from the checkpoint, and match the uninterrupted per-term run.
