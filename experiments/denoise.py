@@ -173,16 +173,17 @@ def add_sequential_argument(parser) -> None:
       help="run a step's model passes (MGE meshes or terms, chunks) one after another, so "
            "it plans the largest pass's memory instead of the sum (same values; the "
            "4-level MGE step's memory halves on CPU, and it ran 0.90-0.92x the time there). "
-           "auto: on on CPU, off elsewhere (unmeasured there)")
+           "auto: on on CPU, off elsewhere (on an H200 it ran 1.02-1.03x the time)")
 
 
 def resolve_sequential(choice: str) -> bool:
   """``--sequential auto|on|off``: auto is on for the CPU backend only.
 
   On CPU, running the passes one after another halves the 4-level MGE
-  step's planned memory at the same step time (``mgtrain.mge``). On a GPU
-  the effect on speed has not been measured (it takes away XLA's freedom to
-  interleave the small coarse-mesh kernels), so auto leaves it off there.
+  step's planned memory at the same step time (``mgtrain.mge``). On an H200
+  the ResNet's MGE step ran 1.02-1.03x slower sequenced (it takes away XLA's
+  freedom to interleave the small coarse-mesh kernels), so auto leaves it
+  off there.
   """
   if choice not in SEQUENTIAL_CHOICES:
     raise ValueError(f"--sequential is auto, on or off, not {choice!r}")
@@ -196,7 +197,7 @@ def resolve_compile_ahead(choice: str) -> bool:
 
   On an accelerator the next stage's compile runs on an otherwise idle host
   while the device trains. On a 2-core CPU the two share the cores: a
-  ``cpu4`` Full-Multiscale run took as long either way (docs/benchmark_cpu.md).
+  ``cpu4`` Full-Multiscale run took 2-8% longer with it (docs/benchmark_cpu.md).
   """
   if choice not in SEQUENTIAL_CHOICES:
     raise ValueError(f"--compile-ahead is auto, on or off, not {choice!r}")
@@ -583,6 +584,7 @@ def main(argv=None) -> dict:
   elif len(results) > 1:
     print(summarize(results, workdir))
   else:
+    summarize(results, workdir)   # summary.md and .json for one strategy too
     r = next(iter(results.values()))
     print(f"{strategy}: {r['steps']} steps, {r['work_units']:,.1f} #WU "
           f"(closed form {r['work_units_closed_form']:,.1f}), "

@@ -41,6 +41,10 @@
 #   at 128 channels, 128^2, batch 16, and the UNet's MGE step at 64^2. Then
 #   the UNet's MGE step at 128^2 in float32 and bfloat16 compute (30.2 ms in
 #   float32 on the H200, against a 25 ms target).
+# Part 5: a whole Full-Multiscale training run (experiments.denoise, cpu4
+#   config: four stages at 64^2, cold caches) without and with
+#   --compile-ahead, which compiles the later stages' steps in a background
+#   thread while the GPU trains.
 #
 # On the device machine, from the repository root, with dm-pix carried as a
 # wheel in .whl (the device README says how to download it):
@@ -55,9 +59,10 @@ set -uo pipefail
 
 part="${1:-1}"
 case "$part" in
-  1|2|3|4) ;;
-  *) echo "usage: $0 [1|2|3|4]  (part 1: steps, mfc, first step; part 2: UNet 128^2," \
-          "levers; part 3: compile levers; part 4: profiles)" >&2; exit 2 ;;
+  1|2|3|4|5) ;;
+  *) echo "usage: $0 [1|2|3|4|5]  (part 1: steps, mfc, first step; part 2: UNet 128^2," \
+          "levers; part 3: compile levers; part 4: profiles; part 5: compile ahead)" >&2
+     exit 2 ;;
 esac
 
 CONFIG="${CONFIG:-gpu}"
@@ -127,7 +132,7 @@ bench=(python3 -m experiments.benchmark --config "$CONFIG" "${device_args[@]}")
 levers=(python3 -m experiments.levers)
 profile=(python3 -m experiments.profile_step "${device_args[@]}")
 if [ "$CONFIG" = smoke ]; then
-  profile+=(--config smoke --calls 2); layer_args=()
+  profile+=(--config smoke --calls 2); layer_args=(); fm_config=smoke
   resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); lever_size_256=()
   unet_lever=(--model resnet); unet_lever_128=(--model resnet); repeats=(--repeats 1)
   levers+=(--config smoke)
@@ -137,6 +142,7 @@ else
   unet_lever=(--model unet --sizes 64); unet_lever_128=(--model unet --sizes 128)
   repeats=(--repeats 10)
   profile+=(--config paper --calls 5); layer_args=(--size 128 --channels 128 --batch 16)
+  fm_config=cpu4
 fi
 
 # Shares follow the H100 compile times of docs/benchmark_h100.md: the ResNet
@@ -172,7 +178,7 @@ elif [ "$part" = 3 ]; then
     env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
   section levers_bfloat16_256 100 levers.md "${levers[@]}" --model resnet --mge by-mesh \
     "${lever_size_256[@]}" --compute-dtype float32 bfloat16 "${repeats[@]}"
-else
+elif [ "$part" = 4 ]; then
   section profile_resnet_mge 15 profile.md "${profile[@]}" --model resnet --step mge-by-mesh
   section profile_resnet_b16 10 profile.md "${profile[@]}" --model resnet --step single
   section profile_resnet_mge_no_command_buffers 15 profile.md \
@@ -185,6 +191,11 @@ else
   section profile_unet_mge 35 profile.md "${profile[@]}" --model unet --step mge-by-mesh
   section levers_unet_bfloat16 100 levers.md "${levers[@]}" "${unet_lever_128[@]}" \
     --mge by-mesh --compute-dtype float32 bfloat16 "${repeats[@]}"
+else
+  fm=(python3 -m experiments.denoise --config "$fm_config" --strategy full-multiscale
+      --compile-cache '' --step-cache '' --no-progress)
+  section full_multiscale_compile_ahead_off 50 summary.md "${fm[@]}" --compile-ahead off
+  section full_multiscale_compile_ahead_on 100 summary.md "${fm[@]}" --compile-ahead on
 fi
 
 # Compiled programs stay behind: the UNet's are tens of MB, and a file that

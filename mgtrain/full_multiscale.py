@@ -313,10 +313,11 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       of the sum (same values; :func:`mgtrain.mge.sequence_after`). Halves
       the 4-level MGE step's memory on CPU at no cost in time there. Ignored
       with ``level_parallel``, whose terms run on separate devices.
-    compile_ahead: while a stage trains, trace and compile the next stage's
-      step in a background thread (from the abstract state the stage
-      boundary will produce), so that the next stage starts without waiting
-      for XLA. A stage's ``compile_seconds`` is then the time the loop
+    compile_ahead: once the first stage's step is compiled, trace and
+      compile every later stage's step in a background thread, one after
+      another, while the stages train (from the abstract states the stage
+      boundaries will produce), so that a stage starts without waiting for
+      XLA once the time trained so far covers the compiles. A stage's ``compile_seconds`` is then the time the loop
       waited for its step, and ``history["background_compile_seconds"]``
       the time each background compile took. XLA compiles with the GIL
       released; tracing holds it. Does nothing with ``mesh`` or
@@ -409,7 +410,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
   if ahead:
     history["background_compile_seconds"] = [0.0] * len(stages)
   pool = concurrent.futures.ThreadPoolExecutor(1, "mgtrain-compile-ahead") if ahead else None
-  next_compile = None   # (stage, future) of a step compiling in the background
+  ahead_steps = {}   # stage -> future of its step, compiling in the background
   bar = tqdm(total=total, initial=start, desc=description, disable=not progress,
              dynamic_ncols=True)
   last_eval = None
@@ -429,16 +430,21 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
             stage, hierarchy, loss_fn, sample_fn, optimizers[s],
             lp_lib.device_groups(stage, lp_devices), max_pixels_per_chunk)
         state, stage_data = compiled.place(state, data)
-      elif next_compile is not None and next_compile[0] == s:
-        compiled, background = next_compile[1].result()
+      elif s in ahead_steps:
+        compiled, background = ahead_steps.pop(s).result()
         history["background_compile_seconds"][s] += background
       else:
         compiled = compile_stage(s, state)
-      next_compile = None
       history["compile_seconds"][s] += time.perf_counter() - t0
-      if ahead and s + 1 < len(stages):
-        next_state = jax.eval_shape(functools.partial(stage_start_state, s=s + 1), state)
-        next_compile = (s + 1, pool.submit(compile_in_background, s + 1, next_state))
+      if ahead and not ahead_steps and s + 1 < len(stages):
+        # Once this call's first step is compiled, queue every later stage's,
+        # one after another, from the abstract states of the stage
+        # boundaries: their shapes do not depend on the values training
+        # produces.
+        like = state
+        for later in range(s + 1, len(stages)):
+          like = jax.eval_shape(functools.partial(stage_start_state, s=later), like)
+          ahead_steps[later] = pool.submit(compile_in_background, later, like)
 
       t_stage = time.perf_counter()
       # Step k's metrics are read after step k+1 is queued, so the device

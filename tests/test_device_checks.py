@@ -1,7 +1,7 @@
 """experiments/device_checks.sh: the prepared GPU checks, run here in smoke mode.
 
-Parts 3 and 4 are in test_device_checks_compile.py and
-test_device_checks_profiles.py, so that pytest-xdist's
+Parts 3, 4 and 5 are in test_device_checks_compile.py,
+test_device_checks_profiles.py and test_device_checks_training.py, so that pytest-xdist's
 ``--dist loadfile`` can give them to another worker.
 """
 
@@ -39,7 +39,7 @@ def test_sections_past_the_budget_are_skipped_not_started(tmp_path, run_device_c
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (("5",), {}, "usage"),
+    (("6",), {}, "usage"),
     (("1",), {"CONFIG": "paper"}, "CONFIG must be gpu or smoke"),
 ])
 def test_bad_arguments_are_refused(run_device_checks, args, env, message):
