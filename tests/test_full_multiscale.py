@@ -94,15 +94,17 @@ def test_full_multiscale_hot_starts_and_learns():
 
 @pytest.mark.parametrize("carry_optimizer", [True, False])
 def test_compile_ahead_gives_the_same_run(tmp_path, carry_optimizer):
-  """Each next stage's step compiled in the background, from the abstract
-  state of the stage boundary, runs exactly as one compiled in the loop."""
+  """Each later stage's step compiled in the background, from the abstract
+  state of the stage boundary, runs exactly as one compiled in the loop
+  (with the step cache when the optimizer state is carried, without it when
+  it starts afresh)."""
   from mgtrain.step_cache import StepCache
   h, params, pool, sample_fn, loss_fn = _setup(levels=3, base_batch=1)
   stages = fm.full_multiscale_schedule(h, (4, 3, 2))
   ref_state, ref_hist = _train(stages, h, params, pool, sample_fn, loss_fn,
                                carry_optimizer=carry_optimizer)
   assert "background_compile_seconds" not in ref_hist
-  for cache in (None, StepCache(tmp_path)):
+  for cache in [StepCache(tmp_path)] if carry_optimizer else [None]:
     state, hist = _train(stages, h, params, pool, sample_fn, loss_fn, compile_ahead=True,
                          carry_optimizer=carry_optimizer, step_cache=cache,
                          step_cache_key=None if cache is None else "test")
@@ -116,7 +118,7 @@ def test_compile_ahead_gives_the_same_run(tmp_path, carry_optimizer):
     assert background[0] == 0.0 and background[1] > 0 and background[2] > 0
   # The cache holds the initial state and the three stages' steps, two of
   # them stored from the background thread.
-  assert len(list(tmp_path.glob("*.step"))) == 4
+  assert len(list(tmp_path.glob("*.step"))) == (4 if carry_optimizer else 0)
 
 
 def test_compile_ahead_stops_with_the_run():
