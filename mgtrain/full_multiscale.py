@@ -317,11 +317,11 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       compile every later stage's step in a background thread, one after
       another, while the stages train (from the abstract states the stage
       boundaries will produce), so that a stage starts without waiting for
-      XLA once the time trained so far covers the compiles. A stage's ``compile_seconds`` is then the time the loop
-      waited for its step, and ``history["background_compile_seconds"]``
-      the time each background compile took. XLA compiles with the GIL
-      released; tracing holds it. Does nothing with ``mesh`` or
-      ``level_parallel``.
+      XLA once the time trained so far covers the compiles. A stage's
+      ``compile_seconds`` is then the time the loop waited for its step, and
+      ``history["background_compile_seconds"]`` the time each background
+      compile took. XLA compiles with the GIL released; tracing holds it.
+      Does nothing with ``mesh`` or ``level_parallel``.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -408,7 +408,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     return compiled, time.perf_counter() - t0
 
   if ahead:
-    history["background_compile_seconds"] = [0.0] * len(stages)
+    # A resumed run keeps the figures of the stages it already ran.
+    history.setdefault("background_compile_seconds", [0.0] * len(stages))
   pool = concurrent.futures.ThreadPoolExecutor(1, "mgtrain-compile-ahead") if ahead else None
   ahead_steps = {}   # stage -> future of its step, compiling in the background
   bar = tqdm(total=total, initial=start, desc=description, disable=not progress,
