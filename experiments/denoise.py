@@ -163,13 +163,14 @@ def make_optimizer_factory(config: DenoiseConfig, first_stage_iterations: int):
   return make
 
 
-SEQUENTIAL_CHOICES = ("auto", "on", "off")
+# The choices of the --sequential and --compile-ahead flags.
+AUTO_CHOICES = ("auto", "on", "off")
 
 
 def add_sequential_argument(parser) -> None:
   """``--sequential auto|on|off``, shared by the CLIs that build train steps."""
   parser.add_argument(
-      "--sequential", choices=SEQUENTIAL_CHOICES, default="auto",
+      "--sequential", choices=AUTO_CHOICES, default="auto",
       help="run a step's model passes (MGE meshes or terms, chunks) one after another, so "
            "it plans the largest pass's memory instead of the sum (same values; the "
            "4-level MGE step's memory halves on CPU, and it ran 0.90-0.92x the time there). "
@@ -185,11 +186,7 @@ def resolve_sequential(choice: str) -> bool:
   freedom to interleave the small coarse-mesh kernels), so auto leaves it
   off there.
   """
-  if choice not in SEQUENTIAL_CHOICES:
-    raise ValueError(f"--sequential is auto, on or off, not {choice!r}")
-  if choice == "auto":
-    return jax.default_backend() == "cpu"
-  return choice == "on"
+  return _resolve_auto("sequential", choice, auto=jax.default_backend() == "cpu")
 
 
 def resolve_compile_ahead(choice: str) -> bool:
@@ -199,11 +196,14 @@ def resolve_compile_ahead(choice: str) -> bool:
   while the device trains. On a 2-core CPU the two share the cores: a
   ``cpu4`` Full-Multiscale run took 2-8% longer with it (docs/benchmark_cpu.md).
   """
-  if choice not in SEQUENTIAL_CHOICES:
-    raise ValueError(f"--compile-ahead is auto, on or off, not {choice!r}")
-  if choice == "auto":
-    return jax.default_backend() != "cpu"
-  return choice == "on"
+  return _resolve_auto("compile-ahead", choice, auto=jax.default_backend() != "cpu")
+
+
+def _resolve_auto(flag: str, choice: str, auto: bool) -> bool:
+  """``--FLAG auto|on|off`` as a bool, ``auto`` giving ``auto``."""
+  if choice not in AUTO_CHOICES:
+    raise ValueError(f"--{flag} is auto, on or off, not {choice!r}")
+  return auto if choice == "auto" else choice == "on"
 
 
 # ---------------------------------------------------------------- one run
@@ -490,7 +490,7 @@ def parse_args(argv=None):
                       "from SLURM / MPI / Kubernetes)")
   p.add_argument("--num-processes", type=int, default=None)
   p.add_argument("--process-id", type=int, default=None)
-  p.add_argument("--compile-ahead", choices=SEQUENTIAL_CHOICES, default="auto",
+  p.add_argument("--compile-ahead", choices=AUTO_CHOICES, default="auto",
                  help="compile each next Full-Multiscale stage's step in a background "
                       "thread while the current stage trains (same results). auto: on "
                       "where the model runs on an accelerator, whose host is then idle; "

@@ -94,17 +94,14 @@ def test_bad_config_name():
     denoise.main(["--config", "huge"])
 
 
-def test_sequential_choice():
-  assert denoise.resolve_sequential("on") is True
-  assert denoise.resolve_sequential("off") is False
-  assert denoise.resolve_sequential("auto") is True   # the tests run on CPU
-  with pytest.raises(ValueError, match="auto, on or off"):
-    denoise.resolve_sequential("yes")
-
-
-def test_compile_ahead_choice():
-  assert denoise.resolve_compile_ahead("on") is True
-  assert denoise.resolve_compile_ahead("off") is False
-  assert denoise.resolve_compile_ahead("auto") is False   # the tests run on CPU
-  with pytest.raises(ValueError, match="auto, on or off"):
-    denoise.resolve_compile_ahead("yes")
+# auto on the CPU the tests run on: sequential passes on, compile-ahead off.
+@pytest.mark.parametrize("resolve, flag, auto_on_cpu", [
+    (denoise.resolve_sequential, "sequential", True),
+    (denoise.resolve_compile_ahead, "compile-ahead", False),
+])
+def test_auto_on_off_choices(resolve, flag, auto_on_cpu):
+  assert resolve("on") is True
+  assert resolve("off") is False
+  assert resolve("auto") is auto_on_cpu
+  with pytest.raises(ValueError, match=f"--{flag} is auto, on or off"):
+    resolve("yes")
