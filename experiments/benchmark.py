@@ -78,14 +78,14 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    add_sequential_argument, compute_dtype, make_loss_fn, resolve_sequential, \
+    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, model_conv, resolve_sequential, \
     sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import chunk_size, level_views
 from mgtrain.nn import init_params
-from mgtrain.nn.convs import get_conv
+from mgtrain.nn.convs import get_conv, resolve_conv_algorithm
 from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
 from mgtrain.transform import multiscale
@@ -99,13 +99,14 @@ DEFAULT_TORCH_TWIN = Path(__file__).resolve().parents[2] / "shared" / "bench" / 
 BENCH_MODELS = tuple(MODEL_CONVS) + ("unet", "mfc-unet")
 
 
-def _bench_model(name: str, dtype: str = "float32"):
-  """The model ``name`` of ``BENCH_MODELS`` with compute ``dtype`` (float32 params)."""
+def _bench_model(name: str, dtype: str = "float32", conv_algorithm: str = "auto"):
+  """The model ``name`` of ``BENCH_MODELS`` with compute ``dtype`` (float32 params)
+  and its standard convs computed by ``conv_algorithm``."""
   if name == "unet":
-    return UNet(dtype=compute_dtype(dtype))
+    return UNet(conv=model_conv("standard", conv_algorithm), dtype=compute_dtype(dtype))
   if name == "mfc-unet":
     return UNet(conv=get_conv("mfc"), dtype=compute_dtype(dtype))
-  return build_model(name, dtype)
+  return build_model(name, dtype, conv_algorithm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,9 @@ class BenchConfig:
   # The models' compute dtype for steps and loss-eval ('bfloat16': float32
   # params, Adam and loss; see experiments.denoise.COMPUTE_DTYPES).
   compute_dtype: str = "float32"
+  # How the standard 3x3 convs are computed (mgtrain.nn.convs; 'auto' is
+  # resolved to 'winograd' on CPU, 'direct' elsewhere, before the run).
+  conv_algorithm: str = "auto"
 
 
 CONFIGS = {
@@ -311,7 +315,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   round, whose spread shows how far the machine's noise moves it."""
   rows = []
   for model_name in config.models:
-    model = _bench_model(model_name, config.compute_dtype)
+    model = _bench_model(model_name, config.compute_dtype, config.conv_algorithm)
     loss_fn = make_loss_fn(model)
     for size in config.sizes:
       hierarchy = Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch,
@@ -477,6 +481,7 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
              "--size", str(config.first_step_size), "--levels", str(config.levels),
              "--base-batch", str(config.base_batch), "--mge", mode,
              "--sequential", "on" if sequential else "off",
+             "--conv-algorithm", config.conv_algorithm,
              "--compile-cache", str(cache / "xla"), *step_cache] + (
                  ["--device", device] if device else []) + (
                  ["--init-platform", init_platform] if init_platform else [])
@@ -621,7 +626,7 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
   x pixels with ``jax.lax.map`` (one compiled loop body per mesh), so the
   working set stays bounded at 256^2. Images are random (timing only).
   """
-  model = _bench_model(model_name, config.compute_dtype)
+  model = _bench_model(model_name, config.compute_dtype, config.conv_algorithm)
   loss_fn = make_loss_fn(model)
   rows = []
   for size in config.loss_eval_sizes:
@@ -688,7 +693,7 @@ def loss_eval_table(rows: list[dict], model_name: str) -> str:
 
 def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps: int,
                    chunk_pixels: int | None, fuse_meshes: bool, progress=print,
-                   sequential: bool = False) -> dict:
+                   sequential: bool = False, conv_algorithm: str = "auto") -> dict:
   """Section 1f: is data the bottleneck? Steps/s of the same step with and without its data work.
 
   The Multiscale step of the denoising config (``experiments.denoise``), on
@@ -709,7 +714,7 @@ def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps:
   config = get_config(denoise_config)
   data = denoise.load_data(config, "folder" if data_dir else "bundled", data_dir,
                            download=False)
-  net = denoise.build_model(model)
+  net = denoise.build_model(model, conv_algorithm=conv_algorithm)
   loss_fn = make_loss_fn(net)
   h = Hierarchy(levels=config.levels, size=config.size, base_batch=config.base_batch,
                 batch_growth=config.batch_growth, restriction="nearest")
@@ -771,7 +776,7 @@ def _first_reach(evals: list[dict], target: float) -> dict | None:
 def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
                       scales: tuple[int, ...], eval_every: int, workdir: Path,
                       chunk_pixels: int | None, progress=print,
-                      sequential: bool = False) -> dict:
+                      sequential: bool = False, conv_algorithm: str = "auto") -> dict:
   """Section 1d: wall time for Full-Multiscale to reach single-scale's final MSE.
 
   Trains single-scale on the denoising config (``experiments.denoise``) and
@@ -796,7 +801,7 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
     progress(f"  time-to-mse: {name} ...")
     r = denoise.run_strategy(cfg, strategy, workdir / name, data=data, model_name=model,
                              progress=False, chunk_pixels=chunk_pixels,
-                             sequential=sequential)
+                             sequential=sequential, conv_algorithm=conv_algorithm)
     return {"iterations": [s["iterations"] for s in r["stages"]],
             "work_units": r["work_units"], "final_mse": r["metrics"]["mse"],
             "train_seconds": r["train_seconds"], "compile_seconds": r["compile_seconds"],
@@ -933,6 +938,7 @@ def parse_args(argv=None):
   p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=None,
                  help="steps and loss-eval: the models' compute dtype (default float32; "
                       "bfloat16 keeps float32 params, Adam and loss)")
+  add_conv_algorithm_argument(p)
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="per-level chunking as in experiments.denoise (default: "
@@ -1001,6 +1007,7 @@ def main(argv=None) -> dict:
       models=tuple(args.models) if args.models else None,
       sizes=tuple(args.sizes) if args.sizes else None, levels=args.levels,
       base_batch=args.base_batch, repeats=args.repeats, compute_dtype=args.compute_dtype,
+      conv_algorithm=resolve_conv_algorithm(args.conv_algorithm),
       loss_eval_sizes=tuple(args.loss_eval_sizes) if args.loss_eval_sizes else None,
   ).items() if v is not None}
   config = dataclasses.replace(config, **overrides)
@@ -1021,7 +1028,8 @@ def main(argv=None) -> dict:
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,
                                                                   config.levels))}
   md = [f"Benchmark on {out['device']} (backend {backend}, jax {jax.__version__}); "
-        f"config {config.name}; compute dtype {config.compute_dtype}; model passes "
+        f"config {config.name}; compute dtype {config.compute_dtype}; "
+        f"{config.conv_algorithm} 3x3 convs (--conv-algorithm); model passes "
         f"{'one after another' if sequential else 'side by side'} (--sequential); "
         f"medians of {config.repeats} timed calls after warm-up."]
   workdir = Path(args.workdir)
@@ -1070,7 +1078,8 @@ def main(argv=None) -> dict:
     out["time_to_mse"] = bench_time_to_mse(
         args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,
         tuple(args.ttm_scales),
-        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential)
+        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential,
+        config.conv_algorithm)
     md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
            "validation MSE", "", time_to_mse_table(out["time_to_mse"])]
   if "loss-eval" in args.sections:
@@ -1080,7 +1089,8 @@ def main(argv=None) -> dict:
   if "pipeline" in args.sections:
     steps = args.pipeline_steps or (200 if backend == "gpu" else 20)
     out["pipeline"] = bench_pipeline(config.denoise_config, args.ttm_model, args.ttm_data_dir,
-                                     steps, chunk, backend == "gpu", progress, sequential)
+                                     steps, chunk, backend == "gpu", progress, sequential,
+                                     config.conv_algorithm)
     md += ["", pipeline_table(out["pipeline"])]
   if "first-step" in args.sections:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]

@@ -56,6 +56,9 @@ def main(argv=None) -> dict:
   p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",
                  help="model passes one after another (auto: on on CPU), as in "
                       "experiments.denoise")
+  p.add_argument("--conv-algorithm", choices=("auto", "direct", "winograd"), default="auto",
+                 help="how the standard 3x3 convs are computed (auto: winograd on CPU); "
+                      "see mgtrain.nn.convs")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
   p.add_argument("--init-platform", default=None,
                  help="initialise the model on this platform (e.g. cpu) and put the "
@@ -79,6 +82,7 @@ def main(argv=None) -> dict:
   from mgtrain import full_multiscale as fm
   from mgtrain.hierarchy import Hierarchy
   from mgtrain.nn import init_params
+  from mgtrain.nn.convs import resolve_conv_algorithm
   if args.model not in BENCH_MODELS:
     raise SystemExit(f"unknown model {args.model!r}; choose from {BENCH_MODELS}")
 
@@ -88,7 +92,8 @@ def main(argv=None) -> dict:
     from mgtrain.step_cache import StepCache
     step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
   t = time.perf_counter()
-  model = _bench_model(args.model)
+  conv_algorithm = resolve_conv_algorithm(args.conv_algorithm)
+  model = _bench_model(args.model, conv_algorithm=conv_algorithm)
   size = args.size
   hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
                         restriction="nearest")
@@ -112,13 +117,15 @@ def main(argv=None) -> dict:
   sequential = resolve_sequential(args.sequential)
   jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params,
                                 args.chunk_pixels or None, fuse_meshes=args.mge == "by-mesh",
-                                step_cache=step_cache, cache_key=f"model={args.model}",
+                                step_cache=step_cache,
+                                cache_key=f"model={args.model} conv={conv_algorithm}",
                                 sequential=sequential)
   jax.block_until_ready(state)
   phases["state"] = time.perf_counter() - t
   hit = None
   if step_cache is not None:
-    key = (f"experiments.first_step model={args.model} chunk={args.chunk_pixels} "
+    key = (f"experiments.first_step model={args.model} conv={conv_algorithm} "
+           f"chunk={args.chunk_pixels} "
            f"sequential={sequential} {stage!r} {hierarchy!r}")
     t = time.perf_counter()
     compiled = step_cache.load(key, state, pool)
@@ -144,7 +151,7 @@ def main(argv=None) -> dict:
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
          "init_platform": args.init_platform,
-         "params_sha256": digest.hexdigest(), "phases": phases,
+         "params_sha256": digest.hexdigest(), "conv_algorithm": conv_algorithm, "phases": phases,
          "before_first_step": sum(v for k, v in phases.items() if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}
   print(json.dumps(out), flush=True)

@@ -47,25 +47,29 @@ import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
     _time_interleaved
-from experiments.denoise import COMPUTE_DTYPES, make_loss_fn
+from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
+from mgtrain.nn.convs import resolve_conv_algorithm
 
 
 def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                     options: dict, chunk_pixels: int | None = None,
                     single_batch: int | None = None, dtype: str = "float32",
-                    sequential: bool = False) -> tuple[dict, Callable[[], jax.Array]]:
+                    sequential: bool = False,
+                    conv_algorithm: str = "auto") -> tuple[dict, Callable[[], jax.Array]]:
   """One variant compiled and warmed up by the benchmark's own ``_compile_stage``.
 
   Returns ``(row, step)``: the variant's settings with its lowering and
   compile seconds and memory plan, and ``step()``, which runs one optimizer
   step and returns its loss. ``dtype`` is the model's compute dtype,
   ``sequential`` runs the model passes one after another
-  (:func:`mgtrain.mge.sequence_after`).
+  (:func:`mgtrain.mge.sequence_after`), and ``conv_algorithm`` computes the
+  standard 3x3 convs (:func:`mgtrain.nn.convs.resolve_conv_algorithm`).
   """
-  model = _bench_model(model_name, dtype)
+  conv_algorithm = resolve_conv_algorithm(conv_algorithm)
+  model = _bench_model(model_name, dtype, conv_algorithm)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   pool = jax.random.uniform(jax.random.key(1), (256, size, size, 3), minval=-1, maxval=1)
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
@@ -76,7 +80,7 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
                               compiler_options=options, sequential=sequential)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
-          "compute_dtype": dtype, **info}, step
+          "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
 
 
 def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
@@ -98,13 +102,14 @@ def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
 def levers_table(rows: list[dict]) -> str:
   """One Markdown row per variant: settings, step time, ratio to the size's
   first variant, compile seconds and working memory (or the compile error)."""
-  lines = ["| model | res | mode | compute | sequential | chunk | XLA options | ms / step "
+  lines = ["| model | res | mode | compute | sequential | conv | chunk | XLA options | ms / step "
            "| ratio to first | compile s | working memory MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     mode = f"single b{r['single_batch']}" if r.get("single_batch") else r["mge"]
     settings = (f"| {r['model']} | {r['size']} | {mode} | {r['compute_dtype']} "
-                f"| {'on' if r['sequential'] else 'off'} | {r.get('chunk_pixels') or 0} "
+                f"| {'on' if r['sequential'] else 'off'} | {r.get('conv_algorithm', 'direct')} "
+                f"| {r.get('chunk_pixels') or 0} "
                 f"| `{json.dumps(r['options'])}` ")
     if "error" in r:
       lines.append(settings + f"| error: {r['error']} | | | |")
@@ -135,6 +140,7 @@ def main(argv=None) -> list[dict]:
                  help="model compute dtypes to try (bfloat16: float32 params and Adam)")
   p.add_argument("--sequential", nargs="+", choices=("off", "on"), default=["off"],
                  help="model passes side by side (off) and/or one after another (on)")
+  add_conv_algorithm_argument(p, nargs="+")
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
   p.add_argument("--repeats", type=int, default=20)
@@ -150,17 +156,18 @@ def main(argv=None) -> list[dict]:
   for size in sizes:
     timed_rows, steps = [], []
     for mode in (["single"] if args.single_batch else args.mge):
-      for options, chunk, dtype, seq in itertools.product(
-          args.options, args.chunk_pixels, args.compute_dtype, args.sequential):
+      for options, chunk, dtype, seq, algo in itertools.product(
+          args.options, args.chunk_pixels, args.compute_dtype, args.sequential,
+          args.conv_algorithm):
         label = (f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
-                 f"{json.dumps(options)}")
+                 f"conv {algo} {json.dumps(options)}")
         try:
           row, step = compile_variant(args.model, size, levels, base_batch, mode, options,
                                       chunk or None, args.single_batch or None, dtype,
-                                      sequential=seq == "on")
+                                      sequential=seq == "on", conv_algorithm=algo)
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
-                 "compute_dtype": dtype, "sequential": seq == "on",
+                 "compute_dtype": dtype, "sequential": seq == "on", "conv_algorithm": algo,
                  "error": str(e).splitlines()[0]}
           print(f"{label}: {row['error']}", flush=True)
         else:

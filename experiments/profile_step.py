@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
-from experiments.denoise import COMPUTE_DTYPES, add_sequential_argument, make_loss_fn, \
-    resolve_sequential
+from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, \
+    add_sequential_argument, make_loss_fn, resolve_sequential
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
+from mgtrain.nn.convs import resolve_conv_algorithm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,9 @@ def _layer_program(layer_name: str, channels: int, size: int, batch: int):
 
 
 def _step_program(model_name: str, step: str, size: int, levels: int, base_batch: int,
-                  dtype: str = "float32", sequential: bool = False):
-  model = _bench_model(model_name, dtype)
+                  dtype: str = "float32", sequential: bool = False,
+                  conv_algorithm: str = "auto"):
+  model = _bench_model(model_name, dtype, conv_algorithm)
   hierarchy = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   pool = jax.random.uniform(jax.random.key(1), (64, size, size, 3), minval=-1, maxval=1)
@@ -110,6 +112,7 @@ def parse_args(argv=None):
   p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                  help="step: the model's compute dtype (float32 params either way)")
   add_sequential_argument(p)
+  add_conv_algorithm_argument(p)
   p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
@@ -144,11 +147,14 @@ def main(argv=None) -> dict:
     what = {"program": "step", "model": args.model or cfg.model, "step": args.step,
             "size": args.size or cfg.size, "levels": args.levels or cfg.levels,
             "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype,
-            "sequential": resolve_sequential(args.sequential)}
+            "sequential": resolve_sequential(args.sequential),
+            "conv_algorithm": resolve_conv_algorithm(args.conv_algorithm)}
     compiled, run = _step_program(what["model"], what["step"], what["size"], what["levels"],
-                                  what["base_batch"], args.compute_dtype, what["sequential"])
+                                  what["base_batch"], args.compute_dtype, what["sequential"],
+                                  what["conv_algorithm"])
     title = (f"{what['model']} {what['step']} train step at {what['size']}^2 "
-             f"(N0 = {what['base_batch']}, {what['levels']} levels, {args.compute_dtype})")
+             f"(N0 = {what['base_batch']}, {what['levels']} levels, {args.compute_dtype}, "
+             f"{what['conv_algorithm']} convs)")
   print(f"profiling {title} on {jax.devices()[0]} ...", file=sys.stderr, flush=True)
   prof = profiling.profile(compiled, calls=calls, run=run)
   out = {"config": args.config, **what, "backend": jax.default_backend(),
