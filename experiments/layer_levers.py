@@ -15,7 +15,9 @@ tests check values and gradients), so the only question is speed. Levers:
   fewer flops, as 16 batched GEMMs ``(tiles x C_in) @ (C_in x C_out)``. The
   price is that the transformed input and the GEMM outputs are 4x the size
   of the image (16 values per 4 pixels), and XLA cannot fuse the transforms
-  into the GEMMs.
+  into the GEMMs. The lever also times :func:`mgtrain.nn.winograd.winograd_conv3x3`,
+  F(4x4, 3x3): 4x fewer flops and a transformed input 2.25x the image. That
+  one won (2026-12-04) and is what ``standard_conv`` uses on CPU.
 * ``host-fft``: the mesh-free conv's spectral filter
   (``irfft2(S rfft2(v))`` and its closed-form adjoint,
   :func:`mgtrain.nn.meshfree._spectral_filter`) with every FFT done by
@@ -28,7 +30,8 @@ tests check values and gradients), so the only question is speed. Levers:
   turns into a slow ``reduce-window`` when the kept (channel) axis is minor.
 
 Results on this 2-core CPU are in docs/benchmark_cpu.md (2026-12-02,
-evening): none of the three was kept.
+evening): none of the three was kept. F(4x4, 3x3) was added to the
+``winograd`` lever on 2026-12-04 and kept (:mod:`mgtrain.nn.winograd`).
 
 Usage::
 
@@ -59,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark import _median_seconds
-from mgtrain.nn import meshfree
+from mgtrain.nn import meshfree, winograd
 
 LEVERS = ("winograd", "host-fft", "bias-dot")
 CONFIGS = {
@@ -217,7 +220,8 @@ def lever_problems(lever: str, size: int, batch: int, channels: int):
   if lever == "winograd":
     x = jax.random.normal(kx, (batch, size, size, channels))
     w = jax.random.normal(kw, (3, 3, channels, channels)) / np.sqrt(9 * channels)
-    return (x, w), {"xla_conv": conv3x3, "winograd_f2x2_3x3": winograd_conv3x3}
+    return (x, w), {"xla_conv": conv3x3, "winograd_f2x2_3x3": winograd_conv3x3,
+                    "winograd_f4x4_3x3": winograd.winograd_conv3x3}
   if lever == "bias-dot":
     x = jax.random.normal(kx, (batch, size, size, channels))
     w = jax.random.normal(kw, (3, 3, channels, channels)) / np.sqrt(9 * channels)
