@@ -64,6 +64,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -148,21 +149,98 @@ def winograd_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
                      f"got {x.dtype} and {kernel.dtype}")
   n, height, width, c_in = x.shape
   c_out = kernel.shape[-1]
+  v = _input_transform(x).reshape(_SPAN * _SPAN, -1, c_in)
+  g = jnp.asarray(G, x.dtype)
+  u = jnp.einsum("ak,klio,bl->abio", g, kernel, g).reshape(_SPAN * _SPAN, c_in, c_out)
+  m = jnp.einsum("ptc,pcd->ptd", v, u)
   th, tw = -(-height // TILE), -(-width // TILE)
+  return _output_transform(m.reshape(_SPAN, _SPAN, n, th, tw, c_out), height, width)
+
+
+# The transforms are linear, and their adjoints are written out below rather
+# than left to JAX's transpose rules. Those turn each of the 12 strided
+# slices into a full-size zero pad plus an add; written out, the adjoint of a
+# tile slice is one stack and reshape.
+
+
+def _scatter_tiles(parts, axis: int):
+  """Adjoint of cutting 6-wide tiles at stride 4 along ``axis``.
+
+  ``parts[k]`` holds, for every tile ``j`` (along ``axis``, ``T`` tiles),
+  the value that lands at position ``4 j + k``; positions shared by two
+  tiles (``k = 4, 5`` of tile ``j`` are ``0, 1`` of tile ``j + 1``) add up.
+  Returns the ``4 T + 2`` positions.
+  """
+  def pad(a, before, after):
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (before, after)
+    return jnp.pad(a, widths)
+  blocks = [pad(parts[0], 0, 1) + pad(parts[4], 1, 0), pad(parts[1], 0, 1) + pad(parts[5], 1, 0),
+            pad(parts[2], 0, 1), pad(parts[3], 0, 1)]
+  out = jnp.stack(blocks, axis=axis + 1)
+  shape = out.shape[:axis] + (TILE * out.shape[axis],) + out.shape[axis + 2:]
+  return jax.lax.slice_in_dim(out.reshape(shape), 0, shape[axis] - 2, axis=axis)
+
+
+def _tile_grid(height: int, width: int) -> tuple[int, int]:
+  return -(-height // TILE), -(-width // TILE)
+
+
+@jax.custom_vjp
+def _input_transform(x):
+  """``B^T d B`` of every 6x6 input tile at stride 4: ``(6, 6, n, th, tw, C)``."""
+  n, height, width, _ = x.shape
+  th, tw = _tile_grid(height, width)
   # One zero row/column of SAME padding on top/left; bottom/right up to the
   # tile grid plus the SAME row/column.
   xp = jnp.pad(x, ((0, 0), (1, TILE * th - height + 1), (1, TILE * tw - width + 1), (0, 0)))
   rows = [xp[:, a:a + TILE * th:TILE] for a in range(_SPAN)]            # (n, th, W', c)
   r = jnp.stack(_combine(B_T, rows))                                    # (6, n, th, W', c)
   cols = [r[:, :, :, b:b + TILE * tw:TILE] for b in range(_SPAN)]       # (6, n, th, tw, c)
-  v = jnp.stack(_combine(B_T, cols), axis=1).reshape(_SPAN * _SPAN, n * th * tw, c_in)
-  g = jnp.asarray(G, x.dtype)
-  u = jnp.einsum("ak,klio,bl->abio", g, kernel, g).reshape(_SPAN * _SPAN, c_in, c_out)
-  m = jnp.einsum("ptc,pcd->ptd", v, u).reshape(_SPAN, _SPAN, n, th, tw, c_out)
+  return jnp.stack(_combine(B_T, cols), axis=1)
+
+
+def _input_transform_fwd(x):
+  return _input_transform(x), x.shape
+
+
+def _input_transform_bwd(shape, dv):
+  _, height, width, _ = shape
+  dcols = _combine(B_T.T, [dv[:, b] for b in range(_SPAN)])            # 6 x (6, n, th, tw, c)
+  dr = _scatter_tiles(dcols, axis=3)                                    # (6, n, th, W', c)
+  drows = _combine(B_T.T, [dr[a] for a in range(_SPAN)])               # 6 x (n, th, W', c)
+  dxp = _scatter_tiles(drows, axis=1)                                   # (n, H', W', c)
+  return (dxp[:, 1:1 + height, 1:1 + width],)
+
+
+_input_transform.defvjp(_input_transform_fwd, _input_transform_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _output_transform(m, height: int, width: int):
+  """``A^T M A`` of every tile, assembled into ``(n, height, width, C)``."""
+  n, th, tw, c = m.shape[2:]
   yr = jnp.stack(_combine(A_T, [m[a] for a in range(_SPAN)]))           # (4, 6, n, th, tw, d)
   y = jnp.stack(_combine(A_T, [yr[:, b] for b in range(_SPAN)]), axis=1)  # (4, 4, n, th, tw, d)
-  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(n, TILE * th, TILE * tw, c_out)
+  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(n, TILE * th, TILE * tw, c)
   return y[:, :height, :width]
+
+
+def _output_transform_fwd(m, height, width):
+  return _output_transform(m, height, width), None
+
+
+def _output_transform_bwd(height, width, _, dy):
+  n, _, _, c = dy.shape
+  th, tw = _tile_grid(height, width)
+  dy = jnp.pad(dy, ((0, 0), (0, TILE * th - height), (0, TILE * tw - width), (0, 0)))
+  cols = [dy[:, :, s::TILE] for s in range(TILE)]                       # (n, 4 th, tw, d)
+  dcols = _combine(A_T.T, cols)                                         # 6 x (n, 4 th, tw, d)
+  dm = [jnp.stack(_combine(A_T.T, [d[:, r::TILE] for r in range(TILE)])) for d in dcols]
+  return (jnp.stack(dm, axis=1),)                                       # (6, 6, n, th, tw, d)
+
+
+_output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
 
 
 def _is_same_3x3(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
