@@ -11,7 +11,6 @@ import pytest
 from mgtrain.nn import winograd
 from mgtrain.nn.convs import CONV_ALGORITHMS, get_conv, resolve_conv_algorithm, standard_conv
 from mgtrain.nn.resnet import ResNet
-from mgtrain.nn.unet import UNet
 
 
 def direct(x, w, **kw):
@@ -132,7 +131,9 @@ def test_conv_algorithm_names():
     standard_conv(8, 3, algorithm="fft")
 
 
-@pytest.mark.parametrize("model_cls, options", [(ResNet, {}), (UNet, {"channel_mult": (1, 2)})])
+# The ResNet only: a UNet took 49 s here (CI's budget), and what it adds
+# (strided and 1x1 convs staying direct) is the dispatch test's.
+@pytest.mark.parametrize("model_cls, options", [(ResNet, {})])
 def test_models_have_the_same_parameters_and_outputs_either_way(model_cls, options):
   # Same parameters from the same key; outputs and gradients within float32
   # rounding of F(4x4, 3x3) (with Lavin & Gray's points, this ResNet's first
