@@ -78,8 +78,8 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, model_conv, resolve_sequential, \
-    sample_denoise_batch
+    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, \
+    model_conv, resolve_sequential, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy

@@ -156,7 +156,7 @@ def winograd_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   g = jnp.asarray(G, x.dtype)
   u = jnp.einsum("ak,klio,bl->abio", g, kernel, g).reshape(_SPAN * _SPAN, c_in, c_out)
   m = jnp.einsum("ptc,pcd->ptd", v, u)
-  th, tw = -(-height // TILE), -(-width // TILE)
+  th, tw = _tile_grid(height, width)
   return _output_transform(m.reshape(_SPAN, _SPAN, n, th, tw, c_out), height, width)
 
 
