@@ -3,15 +3,25 @@
 * ``XLA_FLAGS`` for the CPU backend, each added only when the user's own
   ``XLA_FLAGS`` do not already name it:
 
-  - ``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK fusions).
-    jaxlib 0.10 hands convolutions and dots to YNNPACK by default, and on this
-    2-core AVX2 CPU those kernels slow down sharply once a batch outgrows the
-    caches. XLA's own (Eigen) convolutions do not. The reference ResNet's
-    fwd+bwd at 64^2, batch 16, took 8.08 s with YNNPACK and 2.20 s without;
-    the 4-level MGE step went from 8.16 s (YNNPACK, chunked batches) to 4.41 s
-    (``python -m experiments.levers``, one process). ``MGTRAIN_YNNPACK=1``
-    keeps YNNPACK. Only set for jaxlib >= 0.10, where the flag exists (XLA
-    aborts on a flag it does not know).
+  - ``--xla_cpu_experimental_ynn_fusion_type=reduce``: YNNPACK for
+    reductions only. jaxlib 0.10 can hand convolutions and dots to YNNPACK,
+    and on this 2-core AVX2 CPU those kernels slow down sharply once a batch
+    outgrows the caches; XLA's own (Eigen) convolutions do not. The
+    reference ResNet's fwd+bwd at 64^2, batch 16, took 8.08 s with YNNPACK
+    convs and dots and 2.20 s without; the 4-level MGE step went from 8.16 s
+    to 4.41 s (``python -m experiments.levers``, one process). Reductions are
+    the other way round: XLA's CPU backend rewrites a large sum into a
+    ``reduce-window`` tree that runs slowly (a bias gradient, ``sum`` over
+    ``(N, H, W)`` of ``f32[16,64,64,128]``: 11.0 ms), YNNPACK's reduction
+    takes 2.2 ms, and its float32 result was closer to a float64 sum
+    (8e-8 relative, 240 x 64^2 x 128 values). On the benchmark's ResNet steps
+    at 64^2 (two processes per setting, interleaved, 2026-12-04) single b16
+    took 0.66 / 0.75 s against 0.83 / 0.88 s, the 4-level MGE step
+    1.70 / 1.94 s against 2.06 / 2.14 s, single b240 11.4 / 13.0 s against
+    13.3 / 14.6 s. ``MGTRAIN_YNNPACK=1`` leaves XLA's own default instead.
+    Set for jaxlib >= 0.10.2, the first version measured with the
+    ``reduce`` value; 0.10.0-0.10.1 get the empty list (no YNNPACK fusions),
+    since XLA aborts on a value it does not know.
   - ``--xla_cpu_use_onednn=true`` (DESIGN.md section 3; it cut the reference
     ResNet's 64^2 step from 4.25 s to 3.48 s on jax 0.9). ``MGTRAIN_NO_ONEDNN=1``
     leaves it out.
@@ -74,25 +84,26 @@ from pathlib import Path
 
 _ONEDNN = "--xla_cpu_use_onednn=true"
 _NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+_YNN_REDUCE = "--xla_cpu_experimental_ynn_fusion_type=reduce"
 
 
-def _jaxlib_at_least(major: int, minor: int) -> bool:
+def _jaxlib_at_least(major: int, minor: int, patch: int = 0) -> bool:
   try:
     from jaxlib import version
   except ImportError:
     return False
   parts = []
-  for p in version.__version__.split(".")[:2]:
+  for p in (version.__version__.split(".") + ["0", "0"])[:3]:
     digits = "".join(ch for ch in p if ch.isdigit())
     parts.append(int(digits or 0))
-  return tuple(parts) >= (major, minor)
+  return tuple(parts) >= (major, minor, patch)
 
 
 def cpu_xla_flags() -> list[str]:
   """The CPU flags :func:`configure_xla_flags` adds (before the user's own)."""
   flags = []
   if not os.environ.get("MGTRAIN_YNNPACK") and _jaxlib_at_least(0, 10):
-    flags.append(_NO_YNN)
+    flags.append(_YNN_REDUCE if _jaxlib_at_least(0, 10, 2) else _NO_YNN)
   if not os.environ.get("MGTRAIN_NO_ONEDNN"):
     flags.append(_ONEDNN)
   return flags

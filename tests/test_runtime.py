@@ -14,8 +14,11 @@ def test_flags_added_once_and_user_flags_kept(monkeypatch):
   flags = os.environ["XLA_FLAGS"].split()
   assert flags[0] == "--xla_force_host_platform_device_count=8"
   assert flags.count("--xla_cpu_use_onednn=true") == 1
-  if runtime._jaxlib_at_least(0, 10):
-    assert flags.count("--xla_cpu_experimental_ynn_fusion_type=") == 1
+  ynn = [f for f in flags if f.startswith("--xla_cpu_experimental_ynn_fusion_type=")]
+  if runtime._jaxlib_at_least(0, 10, 2):
+    assert ynn == ["--xla_cpu_experimental_ynn_fusion_type=reduce"]
+  elif runtime._jaxlib_at_least(0, 10):
+    assert ynn == ["--xla_cpu_experimental_ynn_fusion_type="]
 
 
 def test_a_users_own_setting_wins(monkeypatch):
@@ -38,6 +41,7 @@ def test_opt_outs(monkeypatch):
 
 def test_version_parse():
   assert runtime._jaxlib_at_least(0, 0)
+  assert runtime._jaxlib_at_least(0, 0, 1)
   assert not runtime._jaxlib_at_least(99, 0)
 
 
