@@ -120,6 +120,26 @@ def test_dispatch_takes_winograd_only_for_wide_same_3x3_float_convolutions():
       jnp.ones((1, 32, 64, 64)), jnp.ones((32, 32, 3, 3)))
 
 
+def test_dispatch_thresholds_depend_on_the_layer_width():
+  conv = winograd.WinogradWhenPossible()
+  assert [conv.min_pixels(c) for c in (3, 31, 32, 64, 96, 128, 191, 192, 512)] == [
+      None, None, 4096, 4096, 1024, 1024, 1024, 2048, 2048]
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def takes_winograd(batch, mesh, c_in, c_out):
+    x, w = jnp.ones((batch, mesh, mesh, c_in)), jnp.ones((3, 3, c_in, c_out))
+    return "conv_general_dilated" not in _primitives(
+        lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=dn), x, w)
+
+  assert takes_winograd(16, 8, 128, 128)          # 1,024 pixels: wide enough
+  assert not takes_winograd(16, 8, 64, 64)        # needs 4,096 at 64 channels
+  assert not takes_winograd(16, 8, 64, 128)       # the narrower side counts
+  assert not takes_winograd(16, 8, 256, 256)      # needs 2,048 at 256 channels
+  assert takes_winograd(32, 8, 256, 256)
+  # A custom table.
+  assert winograd.WinogradWhenPossible(thresholds=((8, 64),)).min_pixels(8) == 64
+
+
 def test_conv_algorithm_names():
   assert set(CONV_ALGORITHMS) == {"auto", "direct", "winograd"}
   assert resolve_conv_algorithm("auto") == (

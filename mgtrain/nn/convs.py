@@ -72,8 +72,9 @@ def standard_conv(features: int, kernel_size: int, *, name: str | None = None,
   ``k``, the layer the reference code uses. ``algorithm`` (see
   :func:`resolve_conv_algorithm`): ``'winograd'`` computes 3x3 float32
   convolutions as F(4x4, 3x3) (:mod:`mgtrain.nn.winograd`) with the same
-  parameters, when the layer has at least 32 input and output channels and
-  4,096 batch x pixels (:class:`mgtrain.nn.winograd.WinogradWhenPossible`);
+  parameters, when the layer is wide and big enough: at least 32 input and
+  output channels and 4,096 batch x pixels, from 96 channels 1,024 pixels,
+  from 192 channels 2,048 (:class:`mgtrain.nn.winograd.WinogradWhenPossible`);
   other layers, kernel sizes and dtypes stay direct.
   """
   if resolve_conv_algorithm(algorithm) == "winograd":

@@ -275,26 +275,41 @@ class WinogradWhenPossible:
   function so that the module's ``repr`` (a step-cache key) is the same in
   every process.
 
-  ``min_channels`` and ``min_pixels`` keep small convolutions direct: the
-  transforms are memory traffic that only pays off when the matrix products
-  are big. Fwd+bwd on the 2-core CPU, Winograd / direct (2026-12-04, median
-  of 7, one process; ``pixels`` = batch x height x width):
+  ``thresholds`` keep small convolutions direct: the transforms are memory
+  traffic that only pays off when the matrix products are big. Each row
+  ``(channels, pixels)`` says: a conv whose narrower side (input or output
+  channels) has at least ``channels`` takes Winograd from ``pixels`` =
+  batch x height x width on; the last row that applies wins, and a conv
+  narrower than the first row always stays direct.
 
-  ============  =====  ======  =========  =============  ==========
-  channels      64 px  256 px  1,024 px   4,096 px       16k-65k px
-  ============  =====  ======  =========  =============  ==========
-  32 -> 32      1.07   0.64    0.86       0.57-0.70      0.84-1.01
-  128 -> 128    3.79   1.23    0.59       0.50-0.54      0.40-0.50
-  ============  =====  ======  =========  =============  ==========
+  Fwd+bwd on the 2-core CPU, Winograd / direct, median of 7, one process
+  (``python -m experiments.winograd_thresholds``, 2026-12-04 evening; the
+  range is over meshes 4^2 to 32^2 at each pixel count):
 
+  ============  ==========  ==========  ==========  ==========
+  channels      256 px      1,024 px    2,048 px    4,096 px
+  ============  ==========  ==========  ==========  ==========
+  32 -> 32      0.63-1.26   0.77-1.15   0.34-0.78   0.39-1.04
+  64 -> 64      1.37-1.49   0.82-1.16   0.65-1.53   0.62-0.98
+  128 -> 128    2.45-2.46   0.62-0.82   0.57-0.69   0.39-0.49
+  256 -> 256    2.83-3.52   1.17-1.33   0.59-0.72   0.55-0.57
+  ============  ==========  ==========  ==========  ==========
+
+  and from 16k pixels on, 0.84-1.01 at 32 channels and 0.40-0.50 at 128.
   With 3 input channels (a network's first layer) Winograd was 1.2-3.6x
-  slower at every size (Lavin & Gray's points; the transforms cost the same
-  with these). Hence the defaults: at least 32 input and output channels and
-  4,096 pixels.
+  slower at every size. Hence the default rows: 32 channels from 4,096
+  pixels, 96 from 1,024, 192 from 2,048.
   """
 
-  min_channels: int = 32
-  min_pixels: int = 4096
+  thresholds: tuple[tuple[int, int], ...] = ((32, 4096), (96, 1024), (192, 2048))
+
+  def min_pixels(self, channels: int) -> int | None:
+    """Batch x pixels from which a conv this wide takes Winograd (None: never)."""
+    found = None
+    for min_channels, pixels in self.thresholds:
+      if channels >= min_channels:
+        found = pixels
+    return found
 
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -303,8 +318,8 @@ class WinogradWhenPossible:
                      dimension_numbers, feature_group_count, batch_group_count)
         and lhs.dtype in SUPPORTED_DTYPES and rhs.dtype == lhs.dtype
         and preferred_element_type in (None, lhs.dtype)
-        and min(rhs.shape[2:]) >= self.min_channels
-        and math.prod(lhs.shape[:3]) >= self.min_pixels):
+        and self.min_pixels(min(rhs.shape[2:])) is not None
+        and math.prod(lhs.shape[:3]) >= self.min_pixels(min(rhs.shape[2:]))):
       return winograd_conv3x3(lhs, rhs)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
