@@ -19,9 +19,9 @@
     took 0.66 / 0.75 s against 0.83 / 0.88 s, the 4-level MGE step
     1.70 / 1.94 s against 2.06 / 2.14 s, single b240 11.4 / 13.0 s against
     13.3 / 14.6 s. ``MGTRAIN_YNNPACK=1`` leaves XLA's own default instead.
-    Set for jaxlib >= 0.10.2, the first version measured with the
-    ``reduce`` value; 0.10.0-0.10.1 get the empty list (no YNNPACK fusions),
-    since XLA aborts on a value it does not know.
+    XLA aborts on a value it does not know, so ``reduce`` is only set where
+    jaxlib's XLA library holds the name (:func:`ynn_reduce_supported`);
+    otherwise the list is empty (no YNNPACK fusions), as before.
   - ``--xla_cpu_use_onednn=true`` (DESIGN.md section 3; it cut the reference
     ResNet's 64^2 step from 4.25 s to 3.48 s on jax 0.9). ``MGTRAIN_NO_ONEDNN=1``
     leaves it out.
@@ -77,6 +77,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import mmap
 import os
 import platform
 import sys
@@ -99,11 +101,41 @@ def _jaxlib_at_least(major: int, minor: int, patch: int = 0) -> bool:
   return tuple(parts) >= (major, minor, patch)
 
 
+def _xla_library_holds(name: bytes) -> bool | None:
+  """Whether jaxlib's XLA library (``libjax_common.so``) contains ``name``.
+
+  Looks without importing jaxlib (this runs before jax is imported): an
+  ``mmap`` search, about 10 ms. ``None`` when the library is not where
+  jaxlib 0.10 keeps it.
+  """
+  spec = importlib.util.find_spec("jaxlib")
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    lib = Path(folder) / "libjax_common.so"
+    if lib.is_file():
+      with open(lib, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(name) >= 0
+  return None
+
+
+def ynn_reduce_supported() -> bool:
+  """Whether this jaxlib's XLA accepts ``--xla_cpu_experimental_ynn_fusion_type=reduce``.
+
+  XLA aborts the process on an enum value it does not know, so the value is
+  only used where the library holds its name (``LIBRARY_FUSION_TYPE_REDUCE``),
+  or, where the library cannot be searched, from jaxlib 0.10.2 on (the
+  version measured).
+  """
+  if not _jaxlib_at_least(0, 10):
+    return False
+  holds = _xla_library_holds(b"LIBRARY_FUSION_TYPE_REDUCE")
+  return _jaxlib_at_least(0, 10, 2) if holds is None else holds
+
+
 def cpu_xla_flags() -> list[str]:
   """The CPU flags :func:`configure_xla_flags` adds (before the user's own)."""
   flags = []
   if not os.environ.get("MGTRAIN_YNNPACK") and _jaxlib_at_least(0, 10):
-    flags.append(_YNN_REDUCE if _jaxlib_at_least(0, 10, 2) else _NO_YNN)
+    flags.append(_YNN_REDUCE if ynn_reduce_supported() else _NO_YNN)
   if not os.environ.get("MGTRAIN_NO_ONEDNN"):
     flags.append(_ONEDNN)
   return flags

@@ -15,7 +15,7 @@ def test_flags_added_once_and_user_flags_kept(monkeypatch):
   assert flags[0] == "--xla_force_host_platform_device_count=8"
   assert flags.count("--xla_cpu_use_onednn=true") == 1
   ynn = [f for f in flags if f.startswith("--xla_cpu_experimental_ynn_fusion_type=")]
-  if runtime._jaxlib_at_least(0, 10, 2):
+  if runtime.ynn_reduce_supported():
     assert ynn == ["--xla_cpu_experimental_ynn_fusion_type=reduce"]
   elif runtime._jaxlib_at_least(0, 10):
     assert ynn == ["--xla_cpu_experimental_ynn_fusion_type="]
@@ -37,6 +37,14 @@ def test_opt_outs(monkeypatch):
   assert runtime.cpu_xla_flags() == []
   runtime.configure_xla_flags()
   assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_ynn_reduce_support_is_read_from_the_xla_library():
+  # The library holds its own flag names; it holds no made-up one.
+  holds = runtime._xla_library_holds(b"xla_cpu_experimental_ynn_fusion_type")
+  assert holds in (True, None)
+  if holds:
+    assert runtime._xla_library_holds(b"LIBRARY_FUSION_TYPE_NOT_A_TYPE_mgtrain") is False
 
 
 def test_version_parse():
