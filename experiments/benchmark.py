@@ -88,6 +88,7 @@ from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv, resolve_conv_algorithm
 from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
+from mgtrain.nn.winograd import WinogradWhenPossible
 from mgtrain.transform import multiscale
 
 SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline", "first-step")
@@ -386,14 +387,17 @@ def _mge_key(levels: int, mode: str) -> str:
   return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "")
 
 
-BENCH_LAYERS = ("conv3x3", "mfc")
+BENCH_LAYERS = ("conv3x3", "mfc", "conv3x3-winograd")
 
 
 def layer_problem(layer_name: str, channels: int, size: int, batch: int):
   """One layer of section ``mfc``, its input, params and a scalar loss.
 
-  ``layer_name`` is ``"mfc"`` (:class:`MeshFreeConv`) or ``"conv3x3"`` (a
-  SAME-padded 3x3 ``nn.Conv``), ``channels`` in and out. The input ``x`` is
+  ``layer_name`` is ``"mfc"`` (:class:`MeshFreeConv`), ``"conv3x3"`` (a
+  SAME-padded 3x3 ``nn.Conv``: XLA's direct convolution, the issue's
+  reference) or ``"conv3x3-winograd"`` (the same ``nn.Conv`` computed as
+  F(4x4, 3x3) where :class:`WinogradWhenPossible` takes it, as
+  ``standard_conv`` does on CPU), ``channels`` in and out. The input ``x`` is
   ``(batch, size, size, channels)`` standard normal; the loss is
   ``0.5 * sum(layer(x)**2)``, so its gradient w.r.t. ``(params, x)`` runs the
   layer's whole backward pass. Returns ``(layer, params, x, loss)``; the
@@ -402,8 +406,12 @@ def layer_problem(layer_name: str, channels: int, size: int, batch: int):
   """
   if layer_name not in BENCH_LAYERS:
     raise ValueError(f"layer must be one of {BENCH_LAYERS}, got {layer_name!r}")
-  layer = (MeshFreeConv(channels) if layer_name == "mfc"
-           else nn.Conv(channels, (3, 3), padding="SAME"))
+  if layer_name == "mfc":
+    layer = MeshFreeConv(channels)
+  elif layer_name == "conv3x3-winograd":
+    layer = nn.Conv(channels, (3, 3), padding="SAME", conv_general_dilated=WinogradWhenPossible())
+  else:
+    layer = nn.Conv(channels, (3, 3), padding="SAME")
   x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
   params = layer.init(jax.random.key(1), x)
 
@@ -414,22 +422,35 @@ def layer_problem(layer_name: str, channels: int, size: int, batch: int):
 
 
 def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
+  """Section ``mfc``: each layer's forward and forward+backward seconds.
+
+  The MFC is compared with XLA's direct 3x3 conv (``mfc_over_conv_*``, the
+  issue's target) and, when this run's convs are Winograd (CPU by default),
+  also with the Winograd conv the models use (``mfc_over_winograd_*``).
+  """
+  layers = [name for name in BENCH_LAYERS
+            if name != "conv3x3-winograd"
+            or resolve_conv_algorithm(config.conv_algorithm) == "winograd"]
   rows = []
   for channels in config.mfc_channels:
     for size in config.mfc_sizes:
       row = {"channels": channels, "size": size, "batch": config.mfc_batch}
-      for name in BENCH_LAYERS:
+      for name in layers:
         progress(f"  {name} {channels}ch {size}^2 ...")
         layer, params, x, loss = layer_problem(name, channels, size, config.mfc_batch)
         fwd = jax.jit(layer.apply)
         fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         jax.block_until_ready(fwd(params, x))
         jax.block_until_ready(fwd_bwd(params, x))
-        row[f"{name}_forward"] = _median_seconds(lambda: fwd(params, x), config.repeats)[0]
-        row[f"{name}_forward_backward"] = _median_seconds(lambda: fwd_bwd(params, x),
-                                                          config.repeats)[0]
+        key = name.replace("-", "_")
+        row[f"{key}_forward"] = _median_seconds(lambda: fwd(params, x), config.repeats)[0]
+        row[f"{key}_forward_backward"] = _median_seconds(lambda: fwd_bwd(params, x),
+                                                         config.repeats)[0]
       row["mfc_over_conv_forward_backward"] = (row["mfc_forward_backward"]
                                                / row["conv3x3_forward_backward"])
+      if "conv3x3_winograd_forward_backward" in row:
+        row["mfc_over_winograd_forward_backward"] = (
+            row["mfc_forward_backward"] / row["conv3x3_winograd_forward_backward"])
       rows.append(row)
   return rows
 
@@ -913,12 +934,20 @@ def steps_table(rows: list[dict]) -> str:
 def mfc_table(rows: list[dict]) -> str:
   if not rows:
     return ""
-  lines = ["| channels | res | 3x3 conv fwd s | MFC fwd s | 3x3 conv fwd+bwd s | "
-           "MFC fwd+bwd s | MFC / conv (fwd+bwd) |", "|---" * 7 + "|"]
+  winograd = "conv3x3_winograd_forward_backward" in rows[0]
+  head = ["channels", "res", "3x3 conv fwd s", "MFC fwd s", "3x3 conv fwd+bwd s",
+          "MFC fwd+bwd s", "MFC / conv (fwd+bwd)"]
+  if winograd:
+    head += ["Winograd 3x3 conv fwd+bwd s", "MFC / Winograd conv (fwd+bwd)"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
-    lines.append(f"| {r['channels']} | {r['size']} | {r['conv3x3_forward']:.4g} | "
-                 f"{r['mfc_forward']:.4g} | {r['conv3x3_forward_backward']:.4g} | "
-                 f"{r['mfc_forward_backward']:.4g} | {r['mfc_over_conv_forward_backward']:.2f} |")
+    cells = [str(r["channels"]), str(r["size"]), f"{r['conv3x3_forward']:.4g}",
+             f"{r['mfc_forward']:.4g}", f"{r['conv3x3_forward_backward']:.4g}",
+             f"{r['mfc_forward_backward']:.4g}", f"{r['mfc_over_conv_forward_backward']:.2f}"]
+    if winograd:
+      cells += [f"{r['conv3x3_winograd_forward_backward']:.4g}",
+                f"{r['mfc_over_winograd_forward_backward']:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

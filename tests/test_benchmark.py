@@ -22,6 +22,10 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert all(row[k]["seconds_per_step"] > 0 and row[k]["temp_bytes"] > 0 for k in keys)
   (mfc,) = saved["mfc"]
   assert mfc["mfc_forward_backward"] > 0 and mfc["conv3x3_forward_backward"] > 0
+  # On CPU the models' convs are Winograd, so the MFC is also set against that conv.
+  assert mfc["mfc_over_winograd_forward_backward"] == pytest.approx(
+      mfc["mfc_forward_backward"] / mfc["conv3x3_winograd_forward_backward"])
+  assert "MFC / Winograd conv" in (tmp_path / "benchmark.md").read_text()
   assert "| resnet | 16 |" in (tmp_path / "benchmark.md").read_text()
   assert out["backend"] == "cpu"
   # --sequential auto: model passes one after another on CPU, said in both files.

@@ -296,7 +296,8 @@ class WinogradWhenPossible:
   ============  ==========  ==========  ==========  ==========
 
   and from 16k pixels on, 0.84-1.01 at 32 channels and 0.40-0.50 at 128.
-  With 3 input channels (a network's first layer) Winograd was 1.2-3.6x
+  A second run moved single cells by up to 0.3 but agreed on these
+  boundaries (docs/benchmark_cpu.md). With 3 input channels (a network's first layer) Winograd was 1.2-3.6x
   slower at every size. Hence the default rows: 32 channels from 4,096
   pixels, 96 from 1,024, 192 from 2,048.
   """
