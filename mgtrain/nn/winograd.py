@@ -315,12 +315,12 @@ class WinogradWhenPossible:
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                precision=None, preferred_element_type=None):
+    threshold = self.min_pixels(min(rhs.shape[2:]))    # HWIO: the narrower channel side
     if (_is_same_3x3(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count)
         and lhs.dtype in SUPPORTED_DTYPES and rhs.dtype == lhs.dtype
         and preferred_element_type in (None, lhs.dtype)
-        and self.min_pixels(min(rhs.shape[2:])) is not None
-        and math.prod(lhs.shape[:3]) >= self.min_pixels(min(rhs.shape[2:]))):
+        and threshold is not None and math.prod(lhs.shape[:3]) >= threshold):
       return winograd_conv3x3(lhs, rhs)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
