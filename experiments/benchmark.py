@@ -71,7 +71,6 @@ from pathlib import Path
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -85,10 +84,9 @@ from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import chunk_size, level_views
 from mgtrain.nn import init_params
-from mgtrain.nn.convs import get_conv, resolve_conv_algorithm
+from mgtrain.nn.convs import get_conv, resolve_conv_algorithm, standard_conv
 from mgtrain.nn.meshfree import MeshFreeConv
 from mgtrain.nn.unet import UNet
-from mgtrain.nn.winograd import WinogradWhenPossible
 from mgtrain.transform import multiscale
 
 SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline", "first-step")
@@ -393,11 +391,11 @@ BENCH_LAYERS = ("conv3x3", "mfc", "conv3x3-winograd")
 def layer_problem(layer_name: str, channels: int, size: int, batch: int):
   """One layer of section ``mfc``, its input, params and a scalar loss.
 
-  ``layer_name`` is ``"mfc"`` (:class:`MeshFreeConv`), ``"conv3x3"`` (a
-  SAME-padded 3x3 ``nn.Conv``: XLA's direct convolution, the issue's
-  reference) or ``"conv3x3-winograd"`` (the same ``nn.Conv`` computed as
-  F(4x4, 3x3) where :class:`WinogradWhenPossible` takes it, as
-  ``standard_conv`` does on CPU), ``channels`` in and out. The input ``x`` is
+  ``layer_name`` is ``"mfc"`` (:class:`MeshFreeConv`), ``"conv3x3"``
+  (``standard_conv(..., algorithm="direct")``: a SAME-padded 3x3
+  ``nn.Conv`` on XLA's direct convolution, the issue's reference) or
+  ``"conv3x3-winograd"`` (the same layer with ``algorithm="winograd"``, what
+  the models use on CPU), ``channels`` in and out. The input ``x`` is
   ``(batch, size, size, channels)`` standard normal; the loss is
   ``0.5 * sum(layer(x)**2)``, so its gradient w.r.t. ``(params, x)`` runs the
   layer's whole backward pass. Returns ``(layer, params, x, loss)``; the
@@ -408,10 +406,9 @@ def layer_problem(layer_name: str, channels: int, size: int, batch: int):
     raise ValueError(f"layer must be one of {BENCH_LAYERS}, got {layer_name!r}")
   if layer_name == "mfc":
     layer = MeshFreeConv(channels)
-  elif layer_name == "conv3x3-winograd":
-    layer = nn.Conv(channels, (3, 3), padding="SAME", conv_general_dilated=WinogradWhenPossible())
   else:
-    layer = nn.Conv(channels, (3, 3), padding="SAME")
+    layer = standard_conv(channels, 3, algorithm="winograd" if layer_name == "conv3x3-winograd"
+                          else "direct")
   x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
   params = layer.init(jax.random.key(1), x)
 

@@ -297,9 +297,10 @@ class WinogradWhenPossible:
 
   and from 16k pixels on, 0.84-1.01 at 32 channels and 0.40-0.50 at 128.
   A second run moved single cells by up to 0.3 but agreed on these
-  boundaries (docs/benchmark_cpu.md). With 3 input channels (a network's first layer) Winograd was 1.2-3.6x
-  slower at every size. Hence the default rows: 32 channels from 4,096
-  pixels, 96 from 1,024, 192 from 2,048.
+  boundaries (docs/benchmark_cpu.md). With 3 input channels (a network's
+  first layer) Winograd was 1.2-3.6x slower at every size. Hence the
+  default rows: 32 channels from 4,096 pixels, 96 from 1,024, 192 from
+  2,048.
   """
 
   thresholds: tuple[tuple[int, int], ...] = ((32, 4096), (96, 1024), (192, 2048))
