@@ -1,23 +1,26 @@
-"""Where Winograd F(4x4, 3x3) beats XLA's direct 3x3 conv: a grid of small layers.
+"""Where Winograd F(4x4, 3x3) and im2col beat XLA's direct 3x3 conv: a grid of small layers.
 
-:class:`mgtrain.nn.winograd.WinogradWhenPossible` sends a SAME 3x3 conv to
-Winograd only from a number of ``batch x pixels`` that depends on the
-layer's width (its ``thresholds``). This module measures what those rows
-rest on: for each channel width ``C`` (``C -> C``) and each ``mesh x batch``
-of the grid, the median forward+backward seconds (gradient of
-``0.5 sum(y^2)`` with respect to input and kernel) of
-:func:`mgtrain.nn.winograd.winograd_conv3x3` and of
-``lax.conv_general_dilated``, one after the other in this process, and
-their ratio (below 1: Winograd is faster).
+:class:`mgtrain.nn.conv_dispatch.Conv3x3Dispatch` sends a SAME 3x3 conv to
+the patch matrix product of :mod:`mgtrain.nn.im2col` on meshes of at most
+2 x 2, and to Winograd only from a number of ``batch x pixels`` that depends
+on the layer's width (its ``winograd_thresholds``). This module measures
+what those rules rest on: for each channel width ``C`` (``C -> C``) and each
+``mesh x batch`` of the grid, the median forward+backward seconds (gradient
+of ``0.5 sum(y^2)`` with respect to input and kernel) of
+``lax.conv_general_dilated``, :func:`mgtrain.nn.winograd.winograd_conv3x3`
+and :func:`mgtrain.nn.im2col.im2col_conv3x3`, one after the other in this
+process, their ratios to the direct conv (below 1: faster) and the
+dispatcher's choice.
 
 The default grid is the one behind the thresholds (2026-12-04, evening;
-docs/benchmark_cpu.md): meshes 4^2 to 32^2, 256 to 4,096 pixels, at 32, 64,
-128 and 256 channels. It takes about 5 minutes on the 2-core CPU.
+docs/benchmark_cpu.md), meshes 4^2 to 32^2, 256 to 4,096 pixels, plus the
+tiny meshes behind the im2col rule (1^2 to 3^2), at 32, 64, 128 and 256
+channels. It takes about 8 minutes on the 2-core CPU.
 
 Usage::
 
   python -m experiments.winograd_thresholds
-  python -m experiments.winograd_thresholds --channels 128 --shapes 8x16 16x4
+  python -m experiments.winograd_thresholds --channels 128 --shapes 2x192 8x16
   python -m experiments.winograd_thresholds --config smoke --workdir /tmp/wt
 
 Writes ``WORKDIR/winograd_thresholds.json`` and ``.md``.
@@ -36,10 +39,13 @@ import jax.numpy as jnp
 
 from experiments.benchmark import _median_seconds
 from experiments.layer_levers import conv3x3
-from mgtrain.nn.winograd import WinogradWhenPossible, winograd_conv3x3
+from mgtrain.nn.conv_dispatch import Conv3x3Dispatch
+from mgtrain.nn.im2col import im2col_conv3x3
+from mgtrain.nn.winograd import winograd_conv3x3
 
-DEFAULT_SHAPES = ("4x16", "4x64", "4x128", "8x4", "8x16", "8x32", "8x64",
-                  "16x4", "16x8", "16x16", "32x2", "32x4")
+DEFAULT_SHAPES = ("1x192", "2x16", "2x192", "3x96", "4x16", "4x64", "4x128", "8x4", "8x16",
+                  "8x32", "8x64", "16x4", "16x8", "16x16", "32x2", "32x4")
+ALGORITHMS = {"direct": conv3x3, "winograd": winograd_conv3x3, "im2col": im2col_conv3x3}
 CONFIGS = {   # channels, shapes, repeats
     "cpu": ((32, 64, 128, 256), DEFAULT_SHAPES, 7),
     "smoke": ((8,), ("4x2",), 1),
@@ -57,31 +63,33 @@ def parse_shape(text: str) -> tuple[int, int]:
   return mesh, batch
 
 
-def time_pair(channels: int, mesh: int, batch: int, repeats: int) -> dict:
-  """Median fwd+bwd seconds of the direct and the Winograd conv, and their ratio."""
+def time_algorithms(channels: int, mesh: int, batch: int, repeats: int) -> dict:
+  """Median fwd+bwd seconds of each of :data:`ALGORITHMS`, their ratios to direct."""
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (batch, mesh, mesh, channels))
   w = jax.random.normal(kw, (3, 3, channels, channels)) / (9 * channels) ** 0.5
-  seconds = {}
-  for name, conv in (("direct", conv3x3), ("winograd", winograd_conv3x3)):
+  row = {"channels": channels, "mesh": mesh, "batch": batch, "pixels": batch * mesh * mesh}
+  for name, conv in ALGORITHMS.items():
     grad = jax.jit(jax.grad(lambda x, w, conv=conv: 0.5 * jnp.sum(jnp.square(conv(x, w))),
                             argnums=(0, 1)))
     jax.block_until_ready(grad(x, w))               # compiles
-    seconds[name] = _median_seconds(lambda: grad(x, w), repeats)[0]
-  threshold = WinogradWhenPossible().min_pixels(channels)
-  return {"channels": channels, "mesh": mesh, "batch": batch, "pixels": batch * mesh * mesh,
-          "direct_s": seconds["direct"], "winograd_s": seconds["winograd"],
-          "ratio": seconds["winograd"] / seconds["direct"],
-          "dispatcher_takes_winograd": threshold is not None and batch * mesh * mesh >= threshold}
+    row[f"{name}_s"] = _median_seconds(lambda: grad(x, w), repeats)[0]
+  for name in ("winograd", "im2col"):
+    row[f"{name}_ratio"] = row[f"{name}_s"] / row["direct_s"]
+  row["default_dispatch"] = Conv3x3Dispatch().choose(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return row
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| channels | mesh x batch | pixels | direct ms | Winograd ms | Winograd / direct "
-           "| default dispatch |", "|---|---|---|---|---|---|---|"]
+  lines = ["| channels | mesh x batch | pixels | direct ms | Winograd ms | im2col ms "
+           "| Winograd / direct | im2col / direct | default dispatch |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['channels']} | {r['mesh']}² x {r['batch']} | {r['pixels']:,} "
-                 f"| {1e3 * r['direct_s']:.2f} | {1e3 * r['winograd_s']:.2f} | {r['ratio']:.2f} "
-                 f"| {'winograd' if r['dispatcher_takes_winograd'] else 'direct'} |")
+                 f"| {1e3 * r['direct_s']:.2f} | {1e3 * r['winograd_s']:.2f} "
+                 f"| {1e3 * r['im2col_s']:.2f} | {r['winograd_ratio']:.2f} "
+                 f"| {r['im2col_ratio']:.2f} | {r['default_dispatch']} |")
   return "\n".join(lines)
 
 
@@ -112,17 +120,17 @@ def main(argv=None) -> list[dict]:
   rows = []
   for c in args.channels:
     for mesh, batch in args.shapes:
-      rows.append(time_pair(c, mesh, batch, args.repeats))
+      rows.append(time_algorithms(c, mesh, batch, args.repeats))
       r = rows[-1]
       print(f"{c:4d} ch, {mesh:3d}^2 x {batch:4d} = {r['pixels']:6d} px: direct "
             f"{1e3 * r['direct_s']:8.2f} ms, winograd {1e3 * r['winograd_s']:8.2f} ms, "
-            f"ratio {r['ratio']:.2f}", flush=True)
+            f"im2col {1e3 * r['im2col_s']:8.2f} ms ({r['default_dispatch']})", flush=True)
       (workdir / "winograd_thresholds.json").write_text(json.dumps(
           {"backend": jax.default_backend(), "jax": jax.__version__,
            "repeats": args.repeats, "rows": rows}, indent=2))
   md = table(rows)
   (workdir / "winograd_thresholds.md").write_text(
-      f"Winograd F(4x4, 3x3) / direct 3x3 conv, fwd+bwd, on {jax.devices()[0]} "
+      f"Winograd F(4x4, 3x3) and im2col vs the direct 3x3 conv, fwd+bwd, on {jax.devices()[0]} "
       f"(jax {jax.__version__}), median of {args.repeats}, one process\n\n{md}\n")
   print(md)
   return rows

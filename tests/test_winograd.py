@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,60 +85,6 @@ def test_bad_operands_are_errors(x_shape, w_shape, dtype, match):
     winograd.winograd_conv3x3(jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype))
 
 
-def test_dispatch_takes_winograd_only_for_wide_same_3x3_float_convolutions():
-  conv = winograd.WinogradWhenPossible()
-  dn = ("NHWC", "HWIO", "NHWC")
-  wide = jnp.ones((1, 64, 64, 32)), jnp.ones((3, 3, 32, 32))
-  # Taken: no convolution left in the program.
-  assert "conv_general_dilated" not in _primitives(
-      lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=dn), *wide)
-  assert "conv_general_dilated" not in _primitives(
-      lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn), *wide)
-  # Not taken, and then exactly lax's result.
-  cases = [
-      (wide, dict(window_strides=(2, 2), padding="SAME")),
-      (wide, dict(window_strides=(1, 1), padding="VALID")),
-      (wide, dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2))),
-      ((jnp.ones((1, 64, 64, 32)), jnp.ones((5, 5, 32, 32))),
-       dict(window_strides=(1, 1), padding="SAME")),
-      ((jnp.ones((1, 64, 64, 3)), jnp.ones((3, 3, 3, 32))),          # too few channels
-       dict(window_strides=(1, 1), padding="SAME")),
-      ((jnp.ones((1, 8, 8, 64)), jnp.ones((3, 3, 64, 64))),           # too few pixels
-       dict(window_strides=(1, 1), padding="SAME")),
-      ((jnp.ones((1, 64, 64, 32), jnp.bfloat16), jnp.ones((3, 3, 32, 32), jnp.bfloat16)),
-       dict(window_strides=(1, 1), padding="SAME")),
-  ]
-  for (x, w), kw in cases:
-    assert "conv_general_dilated" in _primitives(
-        lambda x, w: conv(x, w, dimension_numbers=dn, **kw), x, w), kw
-    np.testing.assert_array_equal(conv(x, w, dimension_numbers=dn, **kw),
-                                  jax.lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw))
-  # NCHW operands are not what the Winograd path computes.
-  assert "conv_general_dilated" in _primitives(
-      lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
-      jnp.ones((1, 32, 64, 64)), jnp.ones((32, 32, 3, 3)))
-
-
-def test_dispatch_thresholds_depend_on_the_layer_width():
-  conv = winograd.WinogradWhenPossible()
-  assert [conv.min_pixels(c) for c in (3, 31, 32, 64, 96, 128, 191, 192, 512)] == [
-      None, None, 4096, 4096, 1024, 1024, 1024, 2048, 2048]
-  dn = ("NHWC", "HWIO", "NHWC")
-
-  def takes_winograd(batch, mesh, c_in, c_out):
-    x, w = jnp.ones((batch, mesh, mesh, c_in)), jnp.ones((3, 3, c_in, c_out))
-    return "conv_general_dilated" not in _primitives(
-        lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=dn), x, w)
-
-  assert takes_winograd(16, 8, 128, 128)          # 1,024 pixels: wide enough
-  assert not takes_winograd(16, 8, 64, 64)        # needs 4,096 at 64 channels
-  assert not takes_winograd(16, 8, 64, 128)       # the narrower side counts
-  assert not takes_winograd(16, 8, 256, 256)      # needs 2,048 at 256 channels
-  assert takes_winograd(32, 8, 256, 256)
-  # A custom table.
-  assert winograd.WinogradWhenPossible(thresholds=((8, 64),)).min_pixels(8) == 64
-
-
 def test_conv_algorithm_names():
   assert set(CONV_ALGORITHMS) == {"auto", "direct", "winograd"}
   assert resolve_conv_algorithm("auto") == (
@@ -180,11 +125,3 @@ def test_models_have_the_same_parameters_and_outputs_either_way(model_cls, optio
   assert _relative(out["winograd"][0], out["direct"][0]) < 1e-4
   leaves = zip(jax.tree.leaves(out["winograd"][1]), jax.tree.leaves(out["direct"][1]))
   assert max(_relative(a, b) for a, b in leaves) < 1e-4
-
-
-def test_flax_conv_with_the_dispatcher_keeps_its_repr_across_instances():
-  # The step cache keys on repr(module); a function attribute would put its
-  # address there.
-  a = nn.Conv(8, (3, 3), conv_general_dilated=winograd.WinogradWhenPossible())
-  b = nn.Conv(8, (3, 3), conv_general_dilated=winograd.WinogradWhenPossible())
-  assert repr(a) == repr(b) and "0x" not in repr(a)

@@ -66,9 +66,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -244,87 +242,3 @@ def _output_transform_bwd(height, width, _, dy):
 
 
 _output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
-
-
-def _is_same_3x3(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                 dimension_numbers, feature_group_count, batch_group_count) -> bool:
-  if tuple(rhs_shape[:2]) != (3, 3) or len(rhs_shape) != 4:
-    return False
-  if tuple(window_strides) != (1, 1) or feature_group_count != 1 or batch_group_count != 1:
-    return False
-  if any(d not in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())):
-    return False
-  same = padding == "SAME" or (not isinstance(padding, str)
-                               and [tuple(p) for p in padding] == [(1, 1), (1, 1)])
-  if not same:
-    return False
-  dn = jax.lax.conv_dimension_numbers((1, 1, 1, 1), tuple(rhs_shape), dimension_numbers)
-  return dn == jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-
-
-@dataclasses.dataclass(frozen=True)
-class WinogradWhenPossible:
-  """A drop-in ``lax.conv_general_dilated`` for ``flax.linen.Conv``.
-
-  ``nn.Conv(..., conv_general_dilated=WinogradWhenPossible())`` keeps Flax's
-  parameters (same names, shapes and initialisers, so the same values from
-  the same key) and computes every stride-1 ``SAME`` 3x3 NHWC convolution of
-  float32/float64 operands with :func:`winograd_conv3x3`; anything else
-  (strides, dilation, groups, other kernels, bfloat16) goes to
-  ``lax.conv_general_dilated`` unchanged. A frozen dataclass rather than a
-  function so that the module's ``repr`` (a step-cache key) is the same in
-  every process.
-
-  ``thresholds`` keep small convolutions direct: the transforms are memory
-  traffic that only pays off when the matrix products are big. Each row
-  ``(channels, pixels)`` says: a conv whose narrower side (input or output
-  channels) has at least ``channels`` takes Winograd from ``pixels`` =
-  batch x height x width on; the last row that applies wins, and a conv
-  narrower than the first row always stays direct.
-
-  Fwd+bwd on the 2-core CPU, Winograd / direct, median of 7, one process
-  (``python -m experiments.winograd_thresholds``, 2026-12-04 evening; the
-  range is over meshes 4^2 to 32^2 at each pixel count):
-
-  ============  ==========  ==========  ==========  ==========
-  channels      256 px      1,024 px    2,048 px    4,096 px
-  ============  ==========  ==========  ==========  ==========
-  32 -> 32      0.63-1.26   0.77-1.15   0.34-0.78   0.39-1.04
-  64 -> 64      1.37-1.49   0.82-1.16   0.65-1.53   0.62-0.98
-  128 -> 128    2.45-2.46   0.62-0.82   0.57-0.69   0.39-0.49
-  256 -> 256    2.83-3.52   1.17-1.33   0.59-0.72   0.55-0.57
-  ============  ==========  ==========  ==========  ==========
-
-  and from 16k pixels on, 0.84-1.01 at 32 channels and 0.40-0.50 at 128.
-  A second run moved single cells by up to 0.3 but agreed on these
-  boundaries (docs/benchmark_cpu.md). With 3 input channels (a network's
-  first layer) Winograd was 1.2-3.6x slower at every size. Hence the
-  default rows: 32 channels from 4,096 pixels, 96 from 1,024, 192 from
-  2,048.
-  """
-
-  thresholds: tuple[tuple[int, int], ...] = ((32, 4096), (96, 1024), (192, 2048))
-
-  def min_pixels(self, channels: int) -> int | None:
-    """Batch x pixels from which a conv this wide takes Winograd (None: never)."""
-    found = None
-    for min_channels, pixels in self.thresholds:
-      if channels >= min_channels:
-        found = pixels
-    return found
-
-  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-               precision=None, preferred_element_type=None):
-    threshold = self.min_pixels(min(rhs.shape[2:]))    # HWIO: the narrower channel side
-    if (_is_same_3x3(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                     dimension_numbers, feature_group_count, batch_group_count)
-        and lhs.dtype in SUPPORTED_DTYPES and rhs.dtype == lhs.dtype
-        and preferred_element_type in (None, lhs.dtype)
-        and threshold is not None and math.prod(lhs.shape[:3]) >= threshold):
-      return winograd_conv3x3(lhs, rhs)
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type)
