@@ -6,7 +6,7 @@ convolution are faster on some layers:
 
 * :func:`mgtrain.nn.im2col.im2col_conv3x3`, one matrix product of the nine
   shifted copies of the input, on meshes of at most 2 x 2 pixels, where the
-  direct method runs at a few GFLOP/s (5-10x faster there);
+  direct method runs at a few GFLOP/s (3-14x faster there);
 * :func:`mgtrain.nn.winograd.winograd_conv3x3`, Winograd's F(4x4, 3x3), on
   layers wide and big enough for its transforms to pay off (about 2x faster
   at 128 channels from 1,024 batch x pixels).

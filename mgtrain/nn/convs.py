@@ -55,7 +55,7 @@ def resolve_conv_algorithm(algorithm: str) -> str:
   ``'auto'`` looks at JAX's default backend when the model is traced: on CPU
   the Winograd form's fwd+bwd is about 2x faster than XLA's direct
   convolution for wide layers (:mod:`mgtrain.nn.winograd`), and a patch
-  matrix product 5-10x faster on meshes of 2 x 2 pixels or fewer
+  matrix product 3-14x faster on meshes of 2 x 2 pixels or fewer
   (:mod:`mgtrain.nn.im2col`); GPU libraries choose their own algorithms, so
   elsewhere it is ``'direct'``.
   """

@@ -9,31 +9,33 @@ the channel axis gives the *patch matrix*
 
 of shape ``(B H W, 9 C_in)``, and the convolution is one matrix product
 ``Y = P K`` with the HWIO kernel reshaped to ``(9 C_in, C_out)``. It does the
-same multiplies as the direct method, padding taps included, and its
+same multiplies as the direct method, padding taps included (except on a
+side of one pixel, whose outer taps are left out), and its
 gradient (JAX's autodiff) is two more matrix products and the sum of the
 nine shifted slices.
 
 Why this is here. On the coarsest meshes of a multiscale step the images
 are tiny: the reference UNet's deepest features are 2 x 2 on the 8 x 8 level
 of a 4-level hierarchy at 64^2. There XLA's CPU convolution (Eigen's spatial
-convolution) runs at a few GFLOP/s: a 128 -> 128 conv on ``(192, 2, 2)``
-took 60 ms forward+backward, against 5.5 ms as a patch matrix product. In
-the UNet's 8^2 pass of the MGE step (batch 192) the 2 x 2 convolutions were
-64% of the step's time (docs/benchmark_cpu.md, 2026-12-04 night). Forward +
-backward (gradient of ``0.5 sum(y^2)`` in input and kernel), median of 9,
-2-core CPU, one process:
+convolution) runs at a few GFLOP/s. In the UNet's 8^2 pass of the MGE step
+(batch 192) the 2 x 2 convolutions took 64% of the pass's time
+(docs/benchmark_cpu.md, 2026-12-04 night). Forward + backward (gradient of
+``0.5 sum(y^2)`` in input and kernel), ``C -> C`` channels, median of 7,
+2-core CPU, one process (``python -m experiments.winograd_thresholds
+--channels 32 128 256 --shapes 1x192 2x16 2x192 3x96 4x96``; the 1 x 1 rows
+from a second run, after the outer taps were left out there):
 
-  ===================  ========  ==========  ========
-  batch x mesh, C      lax.conv  Winograd    im2col
-  ===================  ========  ==========  ========
-  192 x 2^2, 128->128  60.3 ms   13.5 ms     5.5 ms
-  192 x 2^2, 256->128  101.7 ms  28.2 ms     10.0 ms
-  16 x 2^2, 128->128   3.1 ms    4.5 ms      0.9 ms
-  192 x 2^2, 3->32     0.29 ms   0.59 ms     0.11 ms
-  192 x 1^2, 128->128  2.9 ms    7.3 ms      1.8 ms
-  192 x 3^2, 128->128  8.9 ms    8.4 ms      11.3 ms
-  96 x 4^2, 128->128   7.7 ms    6.3 ms      9.9 ms
-  ===================  ========  ==========  ========
+  ==============  ====  ==============  =============  ============
+  batch x mesh    C     lax.conv (ms)   Winograd / it  im2col / it
+  ==============  ====  ==============  =============  ============
+  192 x 2^2       32    2.46            0.50           0.30
+  192 x 2^2       128   30.1            0.23           0.14
+  192 x 2^2       256   248.6           0.14           0.07
+  16 x 2^2        128   3.14            1.24           0.32
+  192 x 1^2       128   2.64            5.18           0.15
+  96 x 3^2        128   4.14            1.14           1.33
+  96 x 4^2        128   7.28            0.65           1.34
+  ==============  ====  ==============  =============  ============
 
 From 3 x 3 on, the patch matrix (nine copies of the input) costs more than
 it saves, so :class:`mgtrain.nn.conv_dispatch.Conv3x3Dispatch` uses this
@@ -78,11 +80,16 @@ def im2col_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray, *, precision=None) -> jn
     raise ValueError(f"kernel expects {kernel.shape[2]} input channels, input has {c_in}")
   if kernel.dtype != x.dtype:
     raise ValueError(f"input and kernel must have one dtype, got {x.dtype} and {kernel.dtype}")
+  # On a side of one pixel the outer taps only ever see the zero padding:
+  # leave them out (a 1 x 1 mesh is then a plain channel map).
+  rows = (1,) if height == 1 else (0, 1, 2)
+  cols = (1,) if width == 1 else (0, 1, 2)
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   # Tap order (row offset, column offset, channel) is the HWIO kernel's row-major order.
-  patches = jnp.concatenate([xp[:, a:a + height, c:c + width]
-                             for a in range(3) for c in range(3)], axis=-1)
-  y = jnp.matmul(patches.reshape(n * height * width, 9 * c_in),
-                 kernel.reshape(9 * c_in, kernel.shape[3]), precision=precision)
+  patches = jnp.concatenate([xp[:, a:a + height, c:c + width] for a in rows for c in cols],
+                            axis=-1)
+  taps = kernel[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  y = jnp.matmul(patches.reshape(n * height * width, taps.shape[0] * taps.shape[1] * c_in),
+                 taps.reshape(-1, kernel.shape[3]), precision=precision)
   return y.reshape(n, height, width, kernel.shape[3])
 
