@@ -6,13 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conv_reference import primitives
 from mgtrain.nn.conv_dispatch import ALGORITHMS, Conv3x3Dispatch
 
 DN = ("NHWC", "HWIO", "NHWC")
-
-
-def _primitives(fn, *args):
-  return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
 
 
 def _choice(batch, mesh, c_in, c_out, dtype=jnp.float32, dispatch=Conv3x3Dispatch(), **kw):
@@ -32,7 +29,7 @@ def test_tiny_meshes_take_im2col_whatever_the_width_batch_and_dtype():
   assert _choice(192, 2, 128, 128, window_strides=(2, 2)) == "direct"
   x, w = jnp.ones((4, 2, 2, 8)), jax.random.normal(jax.random.key(0), (3, 3, 8, 8))
   conv = Conv3x3Dispatch()
-  assert "conv_general_dilated" not in _primitives(
+  assert "conv_general_dilated" not in primitives(
       lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=DN), x, w)
   np.testing.assert_allclose(conv(x, w, (1, 1), "SAME", dimension_numbers=DN),
                              jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -45,9 +42,9 @@ def test_winograd_only_for_wide_same_3x3_float_convolutions():
   wide = jnp.ones((1, 64, 64, 32)), jnp.ones((3, 3, 32, 32))
   # Taken: no convolution left in the program.
   assert _choice(1, 64, 32, 32) == "winograd"
-  assert "conv_general_dilated" not in _primitives(
+  assert "conv_general_dilated" not in primitives(
       lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=DN), *wide)
-  assert "conv_general_dilated" not in _primitives(
+  assert "conv_general_dilated" not in primitives(
       lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN), *wide)
   # Not taken, and then exactly lax's result.
   cases = [
@@ -65,12 +62,12 @@ def test_winograd_only_for_wide_same_3x3_float_convolutions():
   ]
   for (x, w), kw in cases:
     assert conv.choose(x, w, dimension_numbers=DN, **kw) == "direct", kw
-    assert "conv_general_dilated" in _primitives(
+    assert "conv_general_dilated" in primitives(
         lambda x, w: conv(x, w, dimension_numbers=DN, **kw), x, w), kw
     np.testing.assert_array_equal(conv(x, w, dimension_numbers=DN, **kw),
                                   jax.lax.conv_general_dilated(x, w, dimension_numbers=DN, **kw))
   # NCHW operands are not what the other forms compute, even on a tiny mesh.
-  assert "conv_general_dilated" in _primitives(
+  assert "conv_general_dilated" in primitives(
       lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
       jnp.ones((1, 32, 2, 2)), jnp.ones((32, 32, 3, 3)))
 

@@ -5,16 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conv_reference import direct, relative_error
 from mgtrain.nn.im2col import im2col_conv3x3
-
-
-def direct(x, w, **kw):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
-
-
-def _relative(a, b):
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def test_patch_matrix_is_the_correlation_in_numpy():
@@ -37,7 +29,7 @@ def test_value_and_gradients_match_the_direct_conv(shape):
   x = jax.random.normal(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 7))
   target = jax.random.normal(jax.random.key(2), shape[:3] + (7,))
-  assert _relative(im2col_conv3x3(x, w), direct(x, w, precision="highest")) < 1e-5
+  assert relative_error(im2col_conv3x3(x, w), direct(x, w, precision="highest")) < 1e-5
 
   def loss(conv):
     return lambda x, w: jnp.sum((conv(x, w) - target) ** 2)
@@ -45,7 +37,7 @@ def test_value_and_gradients_match_the_direct_conv(shape):
   ours = jax.grad(loss(im2col_conv3x3), argnums=(0, 1))(x, w)
   ref = jax.grad(loss(lambda x, w: direct(x, w, precision="highest")), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
-    assert _relative(a, b) < 1e-5
+    assert relative_error(a, b) < 1e-5
 
 
 def test_other_dtypes_are_kept():

@@ -7,22 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conv_reference import direct, primitives, relative_error
 from mgtrain.nn import winograd
 from mgtrain.nn.convs import CONV_ALGORITHMS, get_conv, resolve_conv_algorithm, standard_conv
 from mgtrain.nn.resnet import ResNet
-
-
-def direct(x, w, **kw):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
-
-
-def _relative(a, b):
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-
-
-def _primitives(fn, *args):
-  return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
 
 
 def test_f43_matrices_compute_a_correlation_in_exact_arithmetic():
@@ -44,7 +32,7 @@ def test_matches_the_direct_convolution_on_any_mesh(shape):
   w = jax.random.normal(kw, (3, 3, shape[-1], 7))
   y = winograd.winograd_conv3x3(x, w)
   assert y.shape == shape[:3] + (7,)
-  assert _relative(y, direct(x, w, precision="highest")) < 5e-5
+  assert relative_error(y, direct(x, w, precision="highest")) < 5e-5
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 8, 16), (1, 5, 7, 3), (2, 9, 14, 4)])
@@ -62,7 +50,7 @@ def test_gradients_match_the_direct_convolution(shape):
   got = jax.grad(loss(winograd.winograd_conv3x3), argnums=(0, 1))(x, w)
   want = jax.grad(loss(direct), argnums=(0, 1))(x, w)
   for g, r in zip(got, want):
-    assert _relative(g, r) < 5e-5
+    assert relative_error(g, r) < 5e-5
 
 
 def test_float64_is_exact_to_double_rounding():
@@ -71,7 +59,7 @@ def test_float64_is_exact_to_double_rounding():
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 2), jnp.float64)
     y = winograd.winograd_conv3x3(x, w)
     assert y.dtype == jnp.float64
-    assert _relative(y, direct(x, w)) < 1e-13
+    assert relative_error(y, direct(x, w)) < 1e-13
 
 
 @pytest.mark.parametrize("x_shape, w_shape, dtype, match", [
@@ -121,7 +109,7 @@ def test_models_have_the_same_parameters_and_outputs_either_way(model_cls, optio
     return y, vjp(2 * y / y.size)[0]
 
   out = {a: output_and_gradient(p, a) for a in models}
-  assert "conv_general_dilated" in _primitives(lambda p: models["direct"].apply(p, u, t), p)
-  assert _relative(out["winograd"][0], out["direct"][0]) < 1e-4
+  assert "conv_general_dilated" in primitives(lambda p: models["direct"].apply(p, u, t), p)
+  assert relative_error(out["winograd"][0], out["direct"][0]) < 1e-4
   leaves = zip(jax.tree.leaves(out["winograd"][1]), jax.tree.leaves(out["direct"][1]))
-  assert max(_relative(a, b) for a, b in leaves) < 1e-4
+  assert max(relative_error(a, b) for a, b in leaves) < 1e-4

@@ -1,0 +1,20 @@
+"""Helpers shared by the 3x3 convolution tests (Winograd, im2col, the dispatcher)."""
+
+import jax
+import jax.numpy as jnp
+
+
+def direct(x, w, **kw):
+  """XLA's own SAME 3x3 convolution of NHWC ``x`` with an HWIO ``w``: the reference."""
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
+def relative_error(a, b):
+  """Largest absolute difference, relative to the largest entry of ``b``."""
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def primitives(fn, *args):
+  """Names of the primitives in ``fn``'s top-level jaxpr."""
+  return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
