@@ -132,33 +132,33 @@ def test_gradients_match_finite_differences():
   assert np.abs(np.asarray(grads["params"]["channel_map"]["kernel"])).min() > 0
 
 
-@pytest.mark.parametrize("height,width,pad,pairwise", [
-    (16, 16, 0, False), (15, 13, 0, False), (12, 10, 3, False), (16, 12, 0, True), (9, 11, 2, True)])
-def test_closed_form_adjoint_matches_autodiff_of_the_plain_formula(height, width, pad, pairwise):
-  """The hand-written backward pass equals JAX's own derivative of
-  ``irfft2(S * rfft2(v))`` (transpose rules of rfft/irfft), for even and odd
-  meshes, with padding, per channel and pairwise."""
+def _plain_filter(v, raw, pad, pairwise):
+  """``irfft2(S * rfft2(v))`` written plainly (NHWC, axes 1-2), left to JAX's autodiff."""
+  height, width = v.shape[1:3]
+  x = jnp.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ph, pw = x.shape[1:3]
+  s = meshfree.discrete_symbol(meshfree.coefficients(raw, 0.2), ph, pw,
+                               (1.0 / height, 1.0 / width))
+  spec = jnp.fft.rfft2(x, axes=(1, 2))
+  spec = jnp.einsum("bhwi,hwio->bhwo", spec, s) if pairwise else spec * s
+  out = jnp.fft.irfft2(spec, s=(ph, pw), axes=(1, 2))
+  return out[:, pad:pad + height, pad:pad + width]
+
+
+def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chunk_bytes=None):
   c_in, c_out = 3, (4 if pairwise else 3)
   shape = (c_in, c_out, 7) if pairwise else (c_in, 7)
-
-  def plain(v, raw):
-    x = jnp.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ph, pw = x.shape[1:3]
-    s = meshfree.discrete_symbol(meshfree.coefficients(raw, 0.2), ph, pw,
-                                 (1.0 / height, 1.0 / width))
-    spec = jnp.fft.rfft2(x, axes=(1, 2))
-    spec = jnp.einsum("bhwi,hwio->bhwo", spec, s) if pairwise else spec * s
-    out = jnp.fft.irfft2(spec, s=(ph, pw), axes=(1, 2))
-    return out[:, pad:pad + height, pad:pad + width]
 
   def loss(f):
     return lambda v, raw: jnp.sum(jnp.sin(f(v, raw)) * target)
 
-  mine = lambda v, raw: heat_filter(v, raw, length_scale=0.2, pad=pad, pairwise=pairwise)
+  plain = lambda v, raw: _plain_filter(v, raw, pad, pairwise)   # noqa: E731
+  mine = lambda v, raw: heat_filter(v, raw, length_scale=0.2, pad=pad, pairwise=pairwise,   # noqa: E731
+                                    fft_chunk_bytes=fft_chunk_bytes)
   with jax.enable_x64(True):
     raw = meshfree.init_raw(jax.random.key(0), shape[:-1], jnp.float64)
-    v = jax.random.normal(jax.random.key(1), (2, height, width, c_in), jnp.float64)
-    target = jax.random.normal(jax.random.key(2), (2, height, width, c_out), jnp.float64)
+    v = jax.random.normal(jax.random.key(1), (batch, height, width, c_in), jnp.float64)
+    target = jax.random.normal(jax.random.key(2), (batch, height, width, c_out), jnp.float64)
     # Jitted: run op by op, each of these small programs compiles every op
     # on its own (10-14 s per case on 2 cores instead of about 2 s).
     want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(v, raw)
@@ -167,6 +167,32 @@ def test_closed_form_adjoint_matches_autodiff_of_the_plain_formula(height, width
                                rtol=1e-12, atol=1e-12)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("height,width,pad,pairwise", [
+    (16, 16, 0, False), (15, 13, 0, False), (12, 10, 3, False), (16, 12, 0, True), (9, 11, 2, True)])
+def test_closed_form_adjoint_matches_autodiff_of_the_plain_formula(height, width, pad, pairwise):
+  """The hand-written backward pass equals JAX's own derivative of
+  ``irfft2(S * rfft2(v))`` (transpose rules of rfft/irfft), for even and odd
+  meshes, with padding, per channel and pairwise."""
+  _check_against_plain_formula(height, width, pad, pairwise, fft_chunk_bytes=0)
+
+
+@pytest.mark.parametrize("height,width,pad,pairwise,chunk", [
+    (16, 16, 0, False, "one plane"), (12, 10, 3, False, "two images"),
+    (16, 12, 0, True, "one plane"), (9, 11, 2, True, "two images")])
+def test_chunked_ffts_match_the_plain_formula(height, width, pad, pairwise, chunk):
+  """The FFTs run chunk by chunk (one channel of one image, or two whole
+  images; pairwise filters always by whole images) give the values and
+  gradients of the plain formula, symbol gradients summed across chunks."""
+  c = 4 if pairwise else 3
+  plane = (height + 2 * pad) * ((width + 2 * pad) // 2 + 1) * 16   # complex128
+  chunk_bytes = 1 if chunk == "one plane" else 2 * c * plane
+  expected = {("one plane", False): (1, 1), ("two images", False): (2, 3),
+              ("one plane", True): (1, 4), ("two images", True): (2, 4)}[chunk, pairwise]
+  assert meshfree.fft_chunking(4, c, height + 2 * pad, width + 2 * pad, pairwise=pairwise,
+                               chunk_bytes=chunk_bytes, itemsize=16) == expected
+  _check_against_plain_formula(height, width, pad, pairwise, batch=4, fft_chunk_bytes=chunk_bytes)
 
 
 def test_zero_padding_removes_wraparound():
@@ -272,3 +298,40 @@ def test_invalid_shapes_raise():
     coefficients(jnp.zeros((3, 6)))
   with pytest.raises(ValueError, match="do not fit"):
     heat_filter(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 7)))
+
+
+def test_fft_chunking_rules():
+  plane = 32 * 17 * 8   # one 32 x 32 channel's complex64 spectrum
+  # Everything fits, or chunking is off: one transform.
+  assert meshfree.fft_chunking(4, 8, 32, 32, chunk_bytes=4 * 8 * plane) is None
+  assert meshfree.fft_chunking(4, 8, 32, 32, chunk_bytes=0) is None
+  # Whole images when one image fits: the largest divisor of the batch.
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=2 * 8 * plane + 5) == (2, 8)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=5 * 8 * plane) == (3, 8)
+  # Otherwise channel blocks of one image (a divisor of the channels, >= 1).
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=3 * plane) == (1, 2)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=1) == (1, 1)
+  # Pairwise filters mix channels: whole images, even when one is too big.
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=1, pairwise=True) == (1, 8)
+  # float64 spectra are twice the bytes.
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=8 * plane, itemsize=16) == (1, 4)
+  with pytest.raises(ValueError, match="chunk_bytes"):
+    meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=-1)
+
+
+def test_default_fft_chunking_only_for_large_spectra_on_large_meshes():
+  big, mesh = meshfree.CPU_FFT_CHUNK_ABOVE_BYTES + 1, meshfree.CPU_FFT_CHUNK_MIN_PIXELS
+  assert jax.default_backend() == "cpu"
+  assert meshfree.default_fft_chunk_bytes(big, mesh) == meshfree.CPU_FFT_CHUNK_BYTES
+  assert meshfree.default_fft_chunk_bytes(big - 1, mesh) == 0
+  assert meshfree.default_fft_chunk_bytes(big, mesh - 1) == 0
+
+
+def test_mesh_free_conv_chunked_or_not_gives_the_same_output():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  plain = MeshFreeConv(4, fft_chunk_bytes=0)
+  params = plain.init(jax.random.key(1), x)
+  chunked = MeshFreeConv(4, fft_chunk_bytes=1)
+  np.testing.assert_allclose(chunked.apply(params, x), plain.apply(params, x), rtol=1e-6, atol=1e-6)
+  assert "scan" in str(jax.make_jaxpr(lambda v: chunked.apply(params, v))(x))
+  assert "scan" not in str(jax.make_jaxpr(lambda v: plain.apply(params, v))(x))

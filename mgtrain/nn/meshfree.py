@@ -237,8 +237,161 @@ def _spectral_filter_bwd(pairwise, residuals, g):
 _spectral_filter.defvjp(_spectral_filter_fwd, _spectral_filter_bwd)
 
 
+# On CPU the filter's FFTs run in chunks of about this much spectrum. Two
+# reasons. DUCC, XLA's CPU FFT library, allocates a scratch array as large
+# as the whole spectrum for each 2-axis transform, on an Eigen worker thread;
+# glibc maps every block over 32 MB fresh and returns it on free, so each
+# call faults it in again (docs/benchmark_cpu.md, "where the mesh-free
+# conv's time goes"). And a chunk about the size of the L2 caches stays in
+# them from the rfft2 through the symbol to the irfft2. MFC layer fwd+bwd,
+# 128 channels, batch 16, 2-core AMD EPYC (1 MiB L2 per core), seconds: at
+# 256^2 5.06 unchunked, 4.11 in 16 MiB chunks, 3.45-4.13 in 4 MiB, 3.52-3.58
+# in 0.5-2 MiB; at 128^2 1.37, 0.99, 0.81, 0.76-0.79 (docs/benchmark_cpu.md).
+CPU_FFT_CHUNK_BYTES = 2 * 2 ** 20
+# ... but only spectra above CPU_FFT_CHUNK_ABOVE_BYTES, on meshes of at least
+# CPU_FFT_CHUNK_MIN_PIXELS. Inside a training step the loop costs copies into
+# and out of the chunked layout, and on 64^2 meshes, whose FFTs are cheap,
+# that cost won. MFC-ResNet steps, 4 levels, batch 16, chunked / unchunked
+# time per round in one process (2026-12-04): at 64^2 the b16 step
+# 1.02-1.11 and the MGE step 1.23-1.42 (coarse spectra of 8-27 MB chunked
+# too); at 128^2 the b16 step 0.68-0.86, and the MGE step 1.04-1.33 with its
+# 64^2 x 48 pass chunked but 0.88-0.96 without it.
+CPU_FFT_CHUNK_ABOVE_BYTES = 64 * 2 ** 20
+CPU_FFT_CHUNK_MIN_PIXELS = 128 * 128
+
+
+def default_fft_chunk_bytes(spectrum_bytes: int, pixels: int) -> int:
+  """The chunk size :func:`heat_filter` uses for this spectrum (bytes) and mesh (pixels).
+
+  ``CPU_FFT_CHUNK_BYTES`` on the CPU backend for spectra above
+  ``CPU_FFT_CHUNK_ABOVE_BYTES`` on meshes of at least
+  ``CPU_FFT_CHUNK_MIN_PIXELS``, else 0 (no chunking). cuFFT has no such
+  scratch cost, and a loop over chunks only adds launches.
+  """
+  if (jax.default_backend() != "cpu" or spectrum_bytes <= CPU_FFT_CHUNK_ABOVE_BYTES
+      or pixels < CPU_FFT_CHUNK_MIN_PIXELS):
+    return 0
+  return CPU_FFT_CHUNK_BYTES
+
+
+def fft_chunking(batch: int, channels: int, height: int, width: int, *,
+                 pairwise: bool = False, chunk_bytes: int,
+                 itemsize: int = 8) -> tuple[int, int] | None:
+  """How :func:`heat_filter` splits its FFTs: ``(images, channels)`` per chunk.
+
+  A chunk is ``g`` whole images when all ``C`` channels of one image fit in
+  ``chunk_bytes`` of spectrum (``C H (W//2+1) itemsize`` bytes, ``itemsize``
+  of the complex dtype), with ``g`` the largest divisor of ``batch`` that
+  fits; otherwise one image's ``m`` channels, ``m`` the largest divisor of
+  ``channels`` that fits (at least 1). ``pairwise`` filters mix all
+  channels, so their chunks are always whole images. Returns ``None`` when
+  the whole spectrum fits, or when ``chunk_bytes`` is 0 (chunking off).
+
+  Example:
+    >>> fft_chunking(16, 128, 256, 256, chunk_bytes=2 * 2 ** 20)   # 264 KB per channel
+    (1, 4)
+    >>> fft_chunking(16, 32, 64, 64, chunk_bytes=2 * 2 ** 20)      # 540 KB per image
+    (2, 32)
+    >>> fft_chunking(16, 8, 64, 64, chunk_bytes=16 * 2 ** 20) is None
+    True
+  """
+  if chunk_bytes < 0:
+    raise ValueError(f"chunk_bytes must be >= 0 (0: no chunking), got {chunk_bytes}")
+  plane = height * (width // 2 + 1) * itemsize
+  if chunk_bytes == 0 or batch * channels * plane <= chunk_bytes:
+    return None
+
+  def largest_divisor(n, fits):
+    return max((d for d in range(1, n + 1) if n % d == 0 and fits(d)), default=1)
+
+  if pairwise or channels * plane <= chunk_bytes:
+    return largest_divisor(batch, lambda g: g * channels * plane <= chunk_bytes), channels
+  return 1, largest_divisor(channels, lambda m: m * plane <= chunk_bytes)
+
+
+def _chunks(a, images, channels):
+  """``(B, C, ...)`` -> ``(n, images, channels, ...)`` without moving data.
+
+  Chunk ``k`` holds images ``(k // j) * images ...`` and channel block
+  ``k % j`` (``j = C / channels``); with ``images > 1``, ``channels == C``.
+  """
+  b, c = a.shape[:2]
+  return a.reshape((b // images) * (c // channels), images, channels, *a.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_spectral_filter(v, s_re, s_im, pairwise, chunking):
+  """:func:`_spectral_filter`, its FFTs run chunk by chunk in a loop.
+
+  ``chunking = (images, channels)`` from :func:`fft_chunking`. The chunks
+  are consecutive blocks of the ``(B, C)`` axes, so splitting and merging
+  are reshapes; a ``lax.scan`` runs them one after another, so that each
+  FFT's scratch stays small (see ``CPU_FFT_CHUNK_BYTES``). Same values as
+  :func:`_spectral_filter` (the symbol gradient is summed over the batch in
+  another order).
+  """
+  return _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, chunking)[0]
+
+
+def _symbol_block(s, k, blocks, channels, pairwise):
+  if pairwise:
+    return s
+  return jax.lax.dynamic_slice_in_dim(s, (k % blocks) * channels, channels, axis=0)
+
+
+def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, chunking):
+  images, channels = chunking
+  blocks = v.shape[1] // channels
+  s = jax.lax.complex(s_re, s_im)
+  shape = v.shape[-2:]
+
+  def one_chunk(_, args):
+    k, chunk = args
+    spec = jnp.fft.rfft2(chunk)
+    sk = _symbol_block(s, k, blocks, channels, pairwise)
+    return None, (jnp.fft.irfft2(_apply_symbol(spec, sk, pairwise), s=shape), spec)
+
+  xs = _chunks(v, images, channels)
+  _, (out, spec) = jax.lax.scan(one_chunk, None, (jnp.arange(xs.shape[0]), xs))
+  out = out.reshape(v.shape[0], -1, *shape)
+  return out, (spec, s)
+
+
+def _chunked_spectral_filter_bwd(pairwise, chunking, residuals, g):
+  """:func:`_spectral_filter_bwd` chunk by chunk; ``P`` accumulates in the loop carry."""
+  images, channels = chunking
+  spec, s = residuals
+  height, width = g.shape[-2:]
+  blocks = 1 if pairwise else s.shape[0] // channels
+
+  def one_chunk(p, args):
+    k, g_chunk, spec_chunk = args
+    grad_spec = jnp.fft.rfft2(g_chunk)
+    sk = _symbol_block(s, k, blocks, channels, pairwise)
+    if pairwise:
+      grad_v = jnp.fft.irfft2(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(sk)),
+                              s=(height, width))
+      return p + jnp.einsum("bihw,bohw->iohw", spec_chunk, jnp.conj(grad_spec)), grad_v
+    grad_v = jnp.fft.irfft2(grad_spec * jnp.conj(sk), s=(height, width))
+    start = (k % blocks) * channels
+    block = jax.lax.dynamic_slice_in_dim(p, start, channels, axis=0)
+    block = block + jnp.sum(spec_chunk * jnp.conj(grad_spec), axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(p, block, start, axis=0), grad_v
+
+  gs = _chunks(g, images, g.shape[1] if pairwise else channels)
+  p, grad_v = jax.lax.scan(one_chunk, jnp.zeros_like(s),
+                           (jnp.arange(gs.shape[0]), gs, spec))
+  p = p * (_rfft_column_weights(width, g.dtype) / (height * width))
+  grad_v = grad_v.reshape(g.shape[0], -1, height, width)
+  return grad_v, jnp.real(p), -jnp.imag(p)
+
+
+_chunked_spectral_filter.defvjp(_chunked_spectral_filter_fwd, _chunked_spectral_filter_bwd)
+
+
 def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
-                pad: int = 0, pairwise: bool = False) -> jnp.ndarray:
+                pad: int = 0, pairwise: bool = False,
+                fft_chunk_bytes: int | None = None) -> jnp.ndarray:
   """Applies the per-channel MFC filter to NHWC ``v`` through ``rfft2``.
 
   Args:
@@ -250,6 +403,12 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
     pairwise: if True, output channel ``o`` is ``sum_i S_io * v_i`` (a full
       channel-mixing operator with 7 parameters per pair, the parameter count
       of the paper's MFC-ResNet / MFC-UNet); otherwise ``S_c * v_c``.
+    fft_chunk_bytes: run the FFTs in sequential chunks of at most this much
+      spectrum (:func:`fft_chunking`); 0 turns chunking off, ``None`` picks
+      :func:`default_fft_chunk_bytes` (on CPU 2 MiB, for spectra over 64
+      MiB on meshes from 128^2; off elsewhere). The result is the same; on CPU the layer's
+      fwd+bwd at 128 channels, batch 16, ran 1.4x faster at 256^2 and 1.8x
+      at 128^2 (see ``CPU_FFT_CHUNK_BYTES``).
 
   Returns:
     ``(B, H, W, C)`` (``C_out`` with ``pairwise``), same dtype as ``v``.
@@ -275,7 +434,21 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
   coeffs = coefficients(raw.astype(x.dtype), length_scale)
   s = discrete_symbol(coeffs, ph, pw, (1.0 / height, 1.0 / width))
   s = jnp.moveaxis(s, (0, 1), (-2, -1))           # (C..., ph, pw // 2 + 1)
-  out = _spectral_filter(jnp.moveaxis(x, -1, 1), jnp.real(s), jnp.imag(s), pairwise)
+  out_channels = raw.shape[1] if pairwise else channels
+  spectrum_channels = max(channels, out_channels)
+  itemsize = 2 * jnp.dtype(x.dtype).itemsize
+  if fft_chunk_bytes is None:
+    fft_chunk_bytes = default_fft_chunk_bytes(
+        x.shape[0] * spectrum_channels * ph * (pw // 2 + 1) * itemsize, ph * pw)
+  chunking = fft_chunking(x.shape[0], spectrum_channels, ph, pw, pairwise=pairwise,
+                          chunk_bytes=fft_chunk_bytes, itemsize=itemsize)
+  v_nchw = jnp.moveaxis(x, -1, 1)
+  if chunking is None:
+    out = _spectral_filter(v_nchw, jnp.real(s), jnp.imag(s), pairwise)
+  else:
+    images, per_chunk = chunking
+    out = _chunked_spectral_filter(v_nchw, jnp.real(s), jnp.imag(s), pairwise,
+                                   (images, channels if pairwise else per_chunk))
   out = jnp.moveaxis(out, 1, -1)
   if pad:
     out = out[:, pad:pad + height, pad:pad + width]
@@ -323,6 +496,8 @@ class MeshFreeConv(nn.Module):
     use_bias: bias of ``R``.
     dtype: compute dtype of ``R`` and of the output (``None``: from the
       input and params). The filter's FFTs always run in float32 at least.
+    fft_chunk_bytes: see :func:`heat_filter` (``None``: on CPU, 2 MiB
+      chunks of spectra over 64 MiB on meshes from 128^2; none elsewhere).
   """
 
   features: int
@@ -331,6 +506,7 @@ class MeshFreeConv(nn.Module):
   pairwise: bool = False
   use_bias: bool = True
   dtype: Any = None
+  fft_chunk_bytes: int | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -348,7 +524,7 @@ class MeshFreeConv(nn.Module):
     raw = self.param("symbol", lambda k, s: init_raw(k, s, gain=gain), shape)
     pad = int(round(self.padding * max(x.shape[1], x.shape[2])))
     return heat_filter(v, raw, length_scale=self.length_scale, pad=pad,
-                       pairwise=self.pairwise)
+                       pairwise=self.pairwise, fft_chunk_bytes=self.fft_chunk_bytes)
 
 
 def mesh_free_conv(features: int, kernel_size: int | None = None, *,
