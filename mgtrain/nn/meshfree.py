@@ -255,7 +255,8 @@ CPU_FFT_CHUNK_BYTES = 2 * 2 ** 20
 # time per round in one process (2026-12-04): at 64^2 the b16 step
 # 1.02-1.11 and the MGE step 1.23-1.42 (coarse spectra of 8-27 MB chunked
 # too); at 128^2 the b16 step 0.68-0.86, and the MGE step 1.04-1.33 with its
-# 64^2 x 48 pass chunked but 0.88-0.96 without it.
+# 64^2 x 48 pass chunked but 0.88-1.14 without it (two runs; the same-program
+# noise at 64^2 was 0.87-1.16).
 CPU_FFT_CHUNK_ABOVE_BYTES = 64 * 2 ** 20
 CPU_FFT_CHUNK_MIN_PIXELS = 128 * 128
 
@@ -406,9 +407,9 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
     fft_chunk_bytes: run the FFTs in sequential chunks of at most this much
       spectrum (:func:`fft_chunking`); 0 turns chunking off, ``None`` picks
       :func:`default_fft_chunk_bytes` (on CPU 2 MiB, for spectra over 64
-      MiB on meshes from 128^2; off elsewhere). The result is the same; on CPU the layer's
-      fwd+bwd at 128 channels, batch 16, ran 1.4x faster at 256^2 and 1.8x
-      at 128^2 (see ``CPU_FFT_CHUNK_BYTES``).
+      MiB on meshes from 128^2; off elsewhere). The result is the same. On
+      CPU the layer's fwd+bwd at 128 channels, batch 16, ran 1.4x faster at
+      256^2 and 1.8x at 128^2 (see ``CPU_FFT_CHUNK_BYTES``).
 
   Returns:
     ``(B, H, W, C)`` (``C_out`` with ``pairwise``), same dtype as ``v``.
