@@ -221,17 +221,28 @@ def _spectral_filter_bwd(pairwise, residuals, g):
   ``dL/ds_re = Re P`` and ``dL/ds_im = -Im P``.
   """
   spec, s = residuals
+  grad_v, p = _adjoint(spec, s, g, pairwise)
+  return (grad_v, *_symbol_gradient(p, g.shape[-2:]))
+
+
+def _adjoint(spec, s, g, pairwise):
+  """``(dL/dv, sum_b V conj(G))`` for the images of ``g``: the backward pass
+  of :func:`_spectral_filter_bwd` before ``P``'s weights."""
   height, width = g.shape[-2:]
   grad_spec = jnp.fft.rfft2(g)
   if pairwise:
     grad_v = jnp.fft.irfft2(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(s)),
                             s=(height, width))
-    p = jnp.einsum("bihw,bohw->iohw", spec, jnp.conj(grad_spec))
-  else:
-    grad_v = jnp.fft.irfft2(grad_spec * jnp.conj(s), s=(height, width))
-    p = jnp.sum(spec * jnp.conj(grad_spec), axis=0)
-  p = p * (_rfft_column_weights(width, g.dtype) / (height * width))
-  return grad_v, jnp.real(p), -jnp.imag(p)
+    return grad_v, jnp.einsum("bihw,bohw->iohw", spec, jnp.conj(grad_spec))
+  grad_v = jnp.fft.irfft2(grad_spec * jnp.conj(s), s=(height, width))
+  return grad_v, jnp.sum(spec * jnp.conj(grad_spec), axis=0)
+
+
+def _symbol_gradient(p, shape):
+  """``(dL/ds_re, dL/ds_im)`` from the unweighted ``sum_b V conj(G)``."""
+  height, width = shape
+  p = p * (_rfft_column_weights(width, jnp.finfo(p.dtype).dtype) / (height * width))
+  return jnp.real(p), -jnp.imag(p)
 
 
 _spectral_filter.defvjp(_spectral_filter_fwd, _spectral_filter_bwd)
@@ -335,56 +346,49 @@ def _chunked_spectral_filter(v, s_re, s_im, pairwise, chunking):
 
 
 def _symbol_block(s, k, blocks, channels, pairwise):
+  """The part of the symbol ``s`` that chunk ``k`` is filtered with."""
   if pairwise:
     return s
   return jax.lax.dynamic_slice_in_dim(s, (k % blocks) * channels, channels, axis=0)
 
 
 def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, chunking):
+  """:func:`_spectral_filter_fwd` on each chunk; the chunks' spectra are the residuals."""
   images, channels = chunking
   blocks = v.shape[1] // channels
   s = jax.lax.complex(s_re, s_im)
-  shape = v.shape[-2:]
 
   def one_chunk(_, args):
     k, chunk = args
-    spec = jnp.fft.rfft2(chunk)
     sk = _symbol_block(s, k, blocks, channels, pairwise)
-    return None, (jnp.fft.irfft2(_apply_symbol(spec, sk, pairwise), s=shape), spec)
+    out, (spec, _) = _spectral_filter_fwd(chunk, jnp.real(sk), jnp.imag(sk), pairwise)
+    return None, (out, spec)
 
   xs = _chunks(v, images, channels)
   _, (out, spec) = jax.lax.scan(one_chunk, None, (jnp.arange(xs.shape[0]), xs))
-  out = out.reshape(v.shape[0], -1, *shape)
-  return out, (spec, s)
+  return out.reshape(v.shape[0], -1, *v.shape[2:]), (spec, s)
 
 
 def _chunked_spectral_filter_bwd(pairwise, chunking, residuals, g):
-  """:func:`_spectral_filter_bwd` chunk by chunk; ``P`` accumulates in the loop carry."""
+  """:func:`_spectral_filter_bwd` chunk by chunk (:func:`_adjoint` on each);
+  ``sum_b V conj(G)`` accumulates in the loop carry."""
   images, channels = chunking
   spec, s = residuals
-  height, width = g.shape[-2:]
   blocks = 1 if pairwise else s.shape[0] // channels
 
   def one_chunk(p, args):
     k, g_chunk, spec_chunk = args
-    grad_spec = jnp.fft.rfft2(g_chunk)
-    sk = _symbol_block(s, k, blocks, channels, pairwise)
+    grad_v, p_chunk = _adjoint(spec_chunk, _symbol_block(s, k, blocks, channels, pairwise),
+                               g_chunk, pairwise)
     if pairwise:
-      grad_v = jnp.fft.irfft2(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(sk)),
-                              s=(height, width))
-      return p + jnp.einsum("bihw,bohw->iohw", spec_chunk, jnp.conj(grad_spec)), grad_v
-    grad_v = jnp.fft.irfft2(grad_spec * jnp.conj(sk), s=(height, width))
+      return p + p_chunk, grad_v
     start = (k % blocks) * channels
-    block = jax.lax.dynamic_slice_in_dim(p, start, channels, axis=0)
-    block = block + jnp.sum(spec_chunk * jnp.conj(grad_spec), axis=0)
+    block = jax.lax.dynamic_slice_in_dim(p, start, channels, axis=0) + p_chunk
     return jax.lax.dynamic_update_slice_in_dim(p, block, start, axis=0), grad_v
 
   gs = _chunks(g, images, g.shape[1] if pairwise else channels)
-  p, grad_v = jax.lax.scan(one_chunk, jnp.zeros_like(s),
-                           (jnp.arange(gs.shape[0]), gs, spec))
-  p = p * (_rfft_column_weights(width, g.dtype) / (height * width))
-  grad_v = grad_v.reshape(g.shape[0], -1, height, width)
-  return grad_v, jnp.real(p), -jnp.imag(p)
+  p, grad_v = jax.lax.scan(one_chunk, jnp.zeros_like(s), (jnp.arange(gs.shape[0]), gs, spec))
+  return (grad_v.reshape(g.shape[0], -1, *g.shape[2:]), *_symbol_gradient(p, g.shape[-2:]))
 
 
 _chunked_spectral_filter.defvjp(_chunked_spectral_filter_fwd, _chunked_spectral_filter_bwd)
