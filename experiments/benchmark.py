@@ -85,7 +85,7 @@ from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import chunk_size, level_views
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv, resolve_conv_algorithm, standard_conv
-from mgtrain.nn.meshfree import MeshFreeConv
+from mgtrain.nn.meshfree import MeshFreeConv, heat_filter_chunking
 from mgtrain.nn.unet import UNet
 from mgtrain.transform import multiscale
 
@@ -445,6 +445,8 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
                                                          config.repeats)[0]
       row["mfc_over_conv_forward_backward"] = (row["mfc_forward_backward"]
                                                / row["conv3x3_forward_backward"])
+      chunking = heat_filter_chunking((config.mfc_batch, size, size, channels))
+      row["mfc_fft_chunking"] = None if chunking is None else list(chunking)
       if "conv3x3_winograd_forward_backward" in row:
         row["mfc_over_winograd_forward_backward"] = (
             row["mfc_forward_backward"] / row["conv3x3_winograd_forward_backward"])
@@ -936,6 +938,7 @@ def mfc_table(rows: list[dict]) -> str:
           "MFC fwd+bwd s", "MFC / conv (fwd+bwd)"]
   if winograd:
     head += ["Winograd 3x3 conv fwd+bwd s", "MFC / Winograd conv (fwd+bwd)"]
+  head.append("MFC FFT chunks (images x channels)")
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     cells = [str(r["channels"]), str(r["size"]), f"{r['conv3x3_forward']:.4g}",
@@ -944,6 +947,8 @@ def mfc_table(rows: list[dict]) -> str:
     if winograd:
       cells += [f"{r['conv3x3_winograd_forward_backward']:.4g}",
                 f"{r['mfc_over_winograd_forward_backward']:.2f}"]
+    chunking = r.get("mfc_fft_chunking")
+    cells.append("none" if chunking is None else f"{chunking[0]} x {chunking[1]}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

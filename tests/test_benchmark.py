@@ -26,6 +26,9 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert mfc["mfc_over_winograd_forward_backward"] == pytest.approx(
       mfc["mfc_forward_backward"] / mfc["conv3x3_winograd_forward_backward"])
   assert "MFC / Winograd conv" in (tmp_path / "benchmark.md").read_text()
+  # The smoke layer's spectrum is small: its FFTs run unchunked, and the table says so.
+  assert mfc["mfc_fft_chunking"] is None
+  assert "MFC FFT chunks" in (tmp_path / "benchmark.md").read_text()
   assert "| resnet | 16 |" in (tmp_path / "benchmark.md").read_text()
   assert out["backend"] == "cpu"
   # --sequential auto: model passes one after another on CPU, said in both files.

@@ -327,6 +327,32 @@ def test_default_fft_chunking_only_for_large_spectra_on_large_meshes():
   assert meshfree.default_fft_chunk_bytes(big, mesh - 1) == 0
 
 
+def test_heat_filter_chunking_reports_what_the_layer_does():
+  assert jax.default_backend() == "cpu"
+  # 16 x 128 channels of 256 x 129 complex64: 541 MB of spectrum, 264 KB a channel.
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128)) == (1, 4)
+  # Under 64 MiB of spectrum, or a mesh under 128^2: unchunked.
+  assert meshfree.heat_filter_chunking((16, 256, 256, 8)) is None
+  assert meshfree.heat_filter_chunking((64, 64, 64, 128)) is None
+  # bfloat16 inputs are filtered in float32; float64 spectra are twice as large.
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.bfloat16) == (1, 4)
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.float64) == (1, 2)
+  # Padding enlarges the mesh the FFTs run on: 120 + 2 x 4 = 128.
+  assert meshfree.heat_filter_chunking((64, 120, 120, 64)) is None
+  assert meshfree.heat_filter_chunking((64, 120, 120, 64), pad=4) is not None
+  # Pairwise chunks are whole images with all their input channels.
+  assert meshfree.heat_filter_chunking((4, 32, 32, 8), out_channels=16,
+                                       fft_chunk_bytes=1) == (1, 8)
+  assert meshfree.heat_filter_chunking((4, 32, 32, 8), fft_chunk_bytes=0) is None
+  # heat_filter runs a loop exactly when a chunking is reported.
+  v = jnp.zeros((4, 32, 32, 8))
+  raw = meshfree.init_raw(jax.random.key(0), (8,))
+  for chunk_bytes in (0, 1, 10 ** 9):
+    jaxpr = str(jax.make_jaxpr(lambda x: meshfree.heat_filter(x, raw, fft_chunk_bytes=chunk_bytes))(v))
+    expected = meshfree.heat_filter_chunking(v.shape, fft_chunk_bytes=chunk_bytes) is not None
+    assert ("scan" in jaxpr) == expected, chunk_bytes
+
+
 def test_mesh_free_conv_chunked_or_not_gives_the_same_output():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   plain = MeshFreeConv(4, fft_chunk_bytes=0)

@@ -394,6 +394,38 @@ def _chunked_spectral_filter_bwd(pairwise, chunking, residuals, g):
 _chunked_spectral_filter.defvjp(_chunked_spectral_filter_fwd, _chunked_spectral_filter_bwd)
 
 
+def heat_filter_chunking(shape: tuple[int, int, int, int], *, out_channels: int | None = None,
+                         pad: int = 0, dtype=jnp.float32,
+                         fft_chunk_bytes: int | None = None) -> tuple[int, int] | None:
+  """The FFT chunks :func:`heat_filter` uses for NHWC input of ``shape``.
+
+  ``(images, input channels)`` per chunk, or ``None`` when the FFTs run
+  unchunked. ``out_channels`` is ``C_out`` of a pairwise filter (``None``:
+  per-channel); ``dtype`` is the input's (the FFTs run in float32 at
+  least); ``pad`` and ``fft_chunk_bytes`` as in :func:`heat_filter`.
+
+  Example:
+    >>> heat_filter_chunking((16, 256, 256, 128), fft_chunk_bytes=2 * 2 ** 20)
+    (1, 4)
+    >>> heat_filter_chunking((8, 64, 64, 32), out_channels=32, fft_chunk_bytes=2 * 2 ** 20)
+    (2, 32)
+  """
+  batch, height, width, channels = shape
+  ph, pw = height + 2 * pad, width + 2 * pad
+  pairwise = out_channels is not None
+  spectrum_channels = max(channels, out_channels) if pairwise else channels
+  itemsize = 2 * jnp.dtype(jnp.promote_types(dtype, jnp.float32)).itemsize
+  if fft_chunk_bytes is None:
+    fft_chunk_bytes = default_fft_chunk_bytes(
+        batch * spectrum_channels * ph * (pw // 2 + 1) * itemsize, ph * pw)
+  chunking = fft_chunking(batch, spectrum_channels, ph, pw, pairwise=pairwise,
+                          chunk_bytes=fft_chunk_bytes, itemsize=itemsize)
+  if chunking is None:
+    return None
+  # A pairwise chunk holds whole images: all of their input channels.
+  return (chunking[0], channels) if pairwise else chunking
+
+
 def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
                 pad: int = 0, pairwise: bool = False,
                 fft_chunk_bytes: int | None = None) -> jnp.ndarray:
@@ -439,21 +471,13 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
   coeffs = coefficients(raw.astype(x.dtype), length_scale)
   s = discrete_symbol(coeffs, ph, pw, (1.0 / height, 1.0 / width))
   s = jnp.moveaxis(s, (0, 1), (-2, -1))           # (C..., ph, pw // 2 + 1)
-  out_channels = raw.shape[1] if pairwise else channels
-  spectrum_channels = max(channels, out_channels)
-  itemsize = 2 * jnp.dtype(x.dtype).itemsize
-  if fft_chunk_bytes is None:
-    fft_chunk_bytes = default_fft_chunk_bytes(
-        x.shape[0] * spectrum_channels * ph * (pw // 2 + 1) * itemsize, ph * pw)
-  chunking = fft_chunking(x.shape[0], spectrum_channels, ph, pw, pairwise=pairwise,
-                          chunk_bytes=fft_chunk_bytes, itemsize=itemsize)
+  chunking = heat_filter_chunking(v.shape, out_channels=raw.shape[1] if pairwise else None,
+                                  pad=pad, dtype=x.dtype, fft_chunk_bytes=fft_chunk_bytes)
   v_nchw = jnp.moveaxis(x, -1, 1)
   if chunking is None:
     out = _spectral_filter(v_nchw, jnp.real(s), jnp.imag(s), pairwise)
   else:
-    images, per_chunk = chunking
-    out = _chunked_spectral_filter(v_nchw, jnp.real(s), jnp.imag(s), pairwise,
-                                   (images, channels if pairwise else per_chunk))
+    out = _chunked_spectral_filter(v_nchw, jnp.real(s), jnp.imag(s), pairwise, chunking)
   out = jnp.moveaxis(out, 1, -1)
   if pad:
     out = out[:, pad:pad + height, pad:pad + width]
