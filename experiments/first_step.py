@@ -14,7 +14,7 @@ with batches ``N0, 2 N0, ...``, or single-scale batch ``N0`` with
 
 Prints one JSON line with each phase in seconds (``state`` builds and
 places the train state), ``params_sha256`` (the initial parameters' bytes,
-to compare runs under different flags), ``since_start`` (from this
+to compare runs under different flags), ``xla_flags``, ``since_start`` (from this
 module's first line, after the interpreter and any re-exec of
 :mod:`experiments.runtime`) and the cache directory used.
 ``python -m experiments.benchmark --sections first-step`` runs this three
@@ -37,6 +37,7 @@ _T_START = time.perf_counter()
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from experiments import runtime  # noqa: E402,F401  (process set-up before jax)
@@ -151,7 +152,9 @@ def main(argv=None) -> dict:
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),
          "init_platform": args.init_platform,
-         "params_sha256": digest.hexdigest(), "conv_algorithm": conv_algorithm, "phases": phases,
+         "params_sha256": digest.hexdigest(), "conv_algorithm": conv_algorithm,
+         # Flags change the program and its load time (YNNPACK thunks load slowly).
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "phases": phases,
          "before_first_step": sum(v for k, v in phases.items() if k != "first_step"),
          "since_start": time.perf_counter() - _T_START}
   print(json.dumps(out), flush=True)

@@ -201,8 +201,10 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
   md = (tmp_path / "benchmark.md").read_text()
   assert "| resnet | 16 | by-mesh | warm (XLA cache) |" in md
   assert "| resnet | 16 | by-mesh | warm (XLA + step cache) |" in md
-  # Every process started from the same parameters.
+  # Every process started from the same parameters, under the flags this test set.
   assert len({row[run]["params_sha256"] for run in benchmark.FIRST_STEP_RUNS}) == 1
+  assert all("xla_backend_optimization_level" in row[run]["xla_flags"]
+             for run in benchmark.FIRST_STEP_RUNS)
 
 
 def test_first_step_cold_run_alone(tmp_path):
