@@ -356,17 +356,17 @@ def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, chunking):
   """:func:`_spectral_filter_fwd` on each chunk; the chunks' spectra are the residuals."""
   images, channels = chunking
   blocks = v.shape[1] // channels
-  s = jax.lax.complex(s_re, s_im)
 
   def one_chunk(_, args):
     k, chunk = args
-    sk = _symbol_block(s, k, blocks, channels, pairwise)
-    out, (spec, _) = _spectral_filter_fwd(chunk, jnp.real(sk), jnp.imag(sk), pairwise)
+    out, (spec, _) = _spectral_filter_fwd(chunk, _symbol_block(s_re, k, blocks, channels, pairwise),
+                                          _symbol_block(s_im, k, blocks, channels, pairwise),
+                                          pairwise)
     return None, (out, spec)
 
   xs = _chunks(v, images, channels)
   _, (out, spec) = jax.lax.scan(one_chunk, None, (jnp.arange(xs.shape[0]), xs))
-  return out.reshape(v.shape[0], -1, *v.shape[2:]), (spec, s)
+  return out.reshape(v.shape[0], -1, *v.shape[2:]), (spec, jax.lax.complex(s_re, s_im))
 
 
 def _chunked_spectral_filter_bwd(pairwise, chunking, residuals, g):
