@@ -229,26 +229,47 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
   :func:`mgtrain.mge.mge_value_and_grad_by_mesh`).
   """
   value_and_grad = mge_value_and_grad_by_mesh if fuse_meshes else mge_value_and_grad
-  wu = float(stage.work_units_per_step)
   crops = hierarchy.subsample != "coarsen"
 
   def step(state: TrainState, data):
-    key = jax.random.fold_in(state.rng, state.step)
-    k_data, k_crop = jax.random.split(key)
-    keys = jax.random.split(k_data, len(stage.levels))
+    keys, k_crop = step_keys(state.rng, state.step, len(stage.levels))
     batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
     loss, level_grads, terms = value_and_grad(
         loss_fn, state.params, batches, hierarchy, stage.levels,
         key=k_crop if crops else None, max_pixels_per_chunk=max_pixels_per_chunk,
         sequential=sequential)
-    updates, opt_state = tx.update(level_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, level=jnp.asarray(stage.mesh_level, jnp.int32),
-        params=params, opt_state=opt_state, work_units=state.work_units + wu)
-    return new_state, {"loss": loss, "terms": terms, "work_units": new_state.work_units}
+    return apply_gradient(state, stage, tx, level_grads, terms)
 
   return step
+
+
+def step_keys(rng: jax.Array, step, levels: int) -> tuple[jax.Array, jax.Array]:
+  """``(per-level sampling keys (levels,), crop key)`` of train step ``step``.
+
+  Every form of a stage's step (one program, one program per mesh, levels
+  on device groups) derives its randomness here, so they draw the same
+  samples.
+  """
+  k_data, k_crop = jax.random.split(jax.random.fold_in(rng, step))
+  return jax.random.split(k_data, levels), k_crop
+
+
+def apply_gradient(state: TrainState, stage: Stage, tx: optax.GradientTransformation,
+                   level_grads, terms: jax.Array):
+  """The end of a train step: ``tx``'s update, the step and #WU counters.
+
+  ``level_grads`` is what ``tx`` expects (stacked per level, or already
+  summed for ``level_terms=False``); ``terms`` the ``(L,)`` loss terms,
+  whose sum is the step's ``loss``. Returns ``(state, metrics)`` as
+  :func:`make_stage_step`'s step does.
+  """
+  updates, opt_state = tx.update(level_grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1, level=jnp.asarray(stage.mesh_level, jnp.int32),
+      params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+      work_units=state.work_units + float(stage.work_units_per_step))
+  return new_state, {"loss": jnp.sum(terms), "terms": terms,
+                     "work_units": new_state.work_units}
 
 
 def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Callable,
@@ -515,5 +536,5 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 __all__ = [
     "Stage", "TrainState", "STRATEGIES", "single_scale_schedule", "multiscale_schedule",
     "full_multiscale_schedule", "make_schedule", "schedule_work_units", "train",
-    "make_stage_step", "stage_boundaries", "locate", "init_state", "carry_inner_state",
+    "make_stage_step", "step_keys", "apply_gradient", "stage_boundaries", "locate", "init_state", "carry_inner_state",
 ]

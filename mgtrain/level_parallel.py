@@ -54,7 +54,7 @@ import optax
 from jax.sharding import AxisType
 
 from mgtrain import parallel
-from mgtrain.full_multiscale import Stage, TrainState
+from mgtrain.full_multiscale import Stage, TrainState, apply_gradient, step_keys
 from mgtrain.hierarchy import Hierarchy, HierarchyError
 from mgtrain.mge import term_value_and_grad, term_views
 from mgtrain.workunits import level_cost
@@ -135,12 +135,10 @@ class LevelParallelStep:
       parallel.check_batches((n,), mesh)
     crops = hierarchy.subsample != "coarsen"
     levels = len(stage.levels)
-    wu = float(stage.work_units_per_step)
 
     def keys(rng, step):
-      # The same derivation as make_stage_step, so the samples are the same.
-      k_data, k_crop = jax.random.split(jax.random.fold_in(rng, step))
-      return jax.random.split(k_data, levels), jax.random.split(k_crop, levels)
+      k_data, k_crop = step_keys(rng, step, levels)
+      return k_data, jax.random.split(k_crop, levels)
 
     self._keys = jax.jit(keys)
     self._terms = []
@@ -157,14 +155,7 @@ class LevelParallelStep:
 
     def update(state: TrainState, values, grads):
       level_grads = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-      updates, opt_state = tx.update(level_grads, state.opt_state, state.params)
-      new_state = state.replace(
-          step=state.step + 1, level=jnp.asarray(stage.mesh_level, jnp.int32),
-          params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-          work_units=state.work_units + wu)
-      terms = jnp.stack(values)
-      return new_state, {"loss": jnp.sum(terms), "terms": terms,
-                         "work_units": new_state.work_units}
+      return apply_gradient(state, stage, tx, level_grads, jnp.stack(values))
 
     self._update = jax.jit(update, donate_argnums=0)
 

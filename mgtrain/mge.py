@@ -374,7 +374,29 @@ def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
   """
   views = level_views(batches, hierarchy, levels, key, input_level)
   num_terms = len(views)
+  terms = jnp.zeros((num_terms,), jnp.float32)
+  grad = None
+  for group in mesh_groups(views):
+    if sequential and grad is not None:
+      group = sequence_after(group, grad)
+    per_term, g = mesh_value_and_grad(loss_fn, params, group, num_terms, max_pixels_per_chunk,
+                                      sequential)
+    terms = terms + per_term
+    grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
+  return jnp.sum(terms), grad, terms
 
+
+def mesh_value_and_grad(loss_fn: LossFn, params, group, num_terms: int,
+                        max_pixels_per_chunk: int | None = None, sequential: bool = False):
+  """One mesh's pass of :func:`mge_value_and_grad_by_mesh`.
+
+  ``group`` is one ``(batch, weights, term_ids)`` of :func:`mesh_groups`.
+  Returns ``(per_term, grad)``: the ``(num_terms,)`` weighted loss sums
+  ``sum_{b in term k} weights_b * l_b`` and their summed gradient. Summing
+  both over the meshes gives Eq. 6's terms and estimate.
+  ``max_pixels_per_chunk`` and ``sequential``: see
+  :func:`mge_value_and_grad_by_mesh` (here they act on this mesh's chunks).
+  """
   def weighted(p, group):
     batch, weights, ids = group
     values = loss_fn(p, batch)
@@ -386,25 +408,17 @@ def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
     return jnp.sum(per_term), per_term
 
   vg = jax.value_and_grad(weighted, has_aux=True)
-  terms = jnp.zeros((num_terms,), jnp.float32)
-  grad = None
-  for group in mesh_groups(views):
-    if sequential and grad is not None:
-      group = sequence_after(group, grad)
-    n, pixels = _batch_and_pixels((group[0],))
-    c = chunk_size(n, pixels, max_pixels_per_chunk)
-    if c == n:
-      (_, per_term), g = vg(params, group)
-    else:
+  n, pixels = _batch_and_pixels((group[0],))
+  c = chunk_size(n, pixels, max_pixels_per_chunk)
+  if c == n:
+    (_, per_term), grad = vg(params, group)
+    return per_term, grad
 
-      def terms_and_grad(chunk):
-        (_, t), g_chunk = vg(params, chunk)
-        return t, g_chunk
+  def terms_and_grad(chunk):
+    (_, t), g_chunk = vg(params, chunk)
+    return t, g_chunk
 
-      per_term, g = sum_over_chunks(terms_and_grad, group, n // c, sequential)
-    terms = terms + per_term
-    grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
-  return jnp.sum(terms), grad, terms
+  return sum_over_chunks(terms_and_grad, group, n // c, sequential)
 
 
 def mge_loss(loss_fn: LossFn, params, batches: Sequence[Any], hierarchy: Hierarchy,
@@ -422,4 +436,4 @@ def combine_level_grads(level_grads):
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
            "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS", "sum_over_chunks",
-           "mesh_groups", "mge_value_and_grad_by_mesh", "sequence_after"]
+           "mesh_groups", "mesh_value_and_grad", "mge_value_and_grad_by_mesh", "sequence_after"]
