@@ -1,0 +1,144 @@
+"""The step as one program per mesh (mgtrain.split_step) against the one-program step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import TinyCNN, smooth_images
+from mgtrain import full_multiscale as fm
+from mgtrain.hierarchy import Hierarchy
+from mgtrain.split_step import SplitStep
+from mgtrain.step_cache import StepCache
+from mgtrain.transform import multiscale
+
+SIZE = 16
+
+
+def _problem(levels=3, subsample="coarsen"):
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
+  pool = smooth_images(jax.random.key(1), 32, SIZE)
+
+  def sample_fn(data, key, n):
+    k1, k2 = jax.random.split(key)
+    y = data[jax.random.randint(k1, (n,), 0, data.shape[0])]
+    return {"x": y + 0.2 * jax.random.normal(k2, y.shape), "y": y}
+
+  def loss_fn(p, batch):
+    return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2, axis=(1, 2, 3))
+
+  h = Hierarchy(levels=levels, size=SIZE, base_batch=2, subsample=subsample)
+  stage = fm.multiscale_schedule(h, 3)[0]
+  tx = multiscale(optax.adam(1e-2), levels, level_terms=False)
+
+  def state(seed=3):   # a new one each time: the split step donates its state
+    return fm.fresh_state(params, seed=seed, tx=tx)
+
+  return stage, h, loss_fn, sample_fn, tx, state, pool
+
+
+def _one_program_steps(stage, h, loss_fn, sample_fn, tx, state, pool, steps, **kw):
+  step = jax.jit(fm.make_stage_step(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True, **kw))
+  out = []
+  for _ in range(steps):
+    state, metrics = step(state, pool)
+    out.append(metrics)
+  return state, out
+
+
+def _assert_same_steps(a, b, tol):
+  (state_a, metrics_a), (state_b, metrics_b) = a, b
+  assert int(state_a.step) == int(state_b.step)
+  assert float(state_a.work_units) == float(state_b.work_units)
+  for m_a, m_b in zip(metrics_a, metrics_b):
+    np.testing.assert_allclose(m_a["terms"], m_b["terms"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(m_a["loss"], m_b["loss"], rtol=tol, atol=tol)
+  for x, y in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("subsample,sequential,chunk", [
+    ("coarsen", False, None), ("crop", True, 64), ("coarsen+crop", False, 64)])
+def test_split_step_matches_one_program(subsample, sequential, chunk):
+  """Three Adam steps: the same samples, losses and parameters (float rounding)."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(subsample=subsample)
+  reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 3,
+                                 sequential=sequential, max_pixels_per_chunk=chunk)
+  split = SplitStep(stage, h, loss_fn, sample_fn, tx, max_pixels_per_chunk=chunk,
+                    sequential=sequential)
+  compiled = split.compile(state(), pool)
+  assert set(compiled.hits) == {"prepare", "mesh 0", "mesh 1", "mesh 2", "update"}
+  assert not any(compiled.hits.values())
+  out = []
+  s = state()
+  for _ in range(3):
+    s, metrics = compiled(s, pool)
+    out.append(metrics)
+  _assert_same_steps(reference, (s, out), 1e-5)
+  # Called directly (jitted on first use), it gives the same numbers as compiled.
+  s2 = state()
+  out2 = []
+  for _ in range(3):
+    s2, metrics = split(s2, pool)
+    out2.append(metrics)
+  _assert_same_steps((s, out), (s2, out2), 0.0)
+
+
+def test_split_step_differs_when_it_should():
+  """The comparison above can fail: another seed draws other samples."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem()
+  reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 1)
+  s, metrics = SplitStep(stage, h, loss_fn, sample_fn, tx)(state(seed=4), pool)
+  with pytest.raises(AssertionError):
+    _assert_same_steps(reference, (s, [metrics]), 1e-5)
+
+
+def test_split_step_through_step_cache(tmp_path):
+  """Every program is stored, then loaded by a fresh cache, with the same result."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2)
+  split = SplitStep(stage, h, loss_fn, sample_fn, tx)
+  first = split.compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny", workers=1)
+  assert not any(first.hits.values())
+  assert len(list(tmp_path.glob("*.step"))) == 4          # prepare, 2 meshes, update
+  second = split.compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
+  assert all(second.hits.values())
+  a, metrics_a = first(state(), pool)
+  b, metrics_b = second(state(), pool)
+  np.testing.assert_array_equal(metrics_a["terms"], metrics_b["terms"])
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_split_step_errors(tmp_path):
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2)
+  split = SplitStep(stage, h, loss_fn, sample_fn, tx)
+  with pytest.raises(ValueError, match="needs a key"):
+    split.compile(state(), pool, step_cache=StepCache(tmp_path))
+  with pytest.raises(ValueError, match="workers must be at least 1"):
+    split.compile(state(), pool, workers=0)
+  scalar = SplitStep(stage, h, lambda p, b: jnp.mean(loss_fn(p, b)), sample_fn, tx)
+  with pytest.raises(ValueError, match=r"per-sample loss of shape \(B,\)"):
+    scalar(state(), pool)
+
+
+def test_train_with_split_meshes_matches_one_program(tmp_path):
+  """A two-stage Full-Multiscale run, compiled ahead and through a step cache."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem()
+  params = state().params
+  stages = fm.full_multiscale_schedule(h, (3, 2, 2))
+  kwargs = dict(params=params, stages=stages, hierarchy=h, loss_fn=loss_fn, sample_fn=sample_fn,
+                data=pool, make_optimizer=lambda n: optax.adam(1e-2), progress=False,
+                fuse_meshes=True)
+  one, history_one = fm.train(**kwargs)
+  split, history_split = fm.train(split_meshes=True, compile_ahead=True,
+                                  step_cache=StepCache(tmp_path), step_cache_key="tiny", **kwargs)
+  np.testing.assert_allclose(history_one["loss"], history_split["loss"], rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(split.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  # The fresh state, then 3 stages of 1, 2 and 3 meshes, each with a prepare
+  # and an update program.
+  assert len(list(tmp_path.glob("*.step"))) == 1 + 3 + 4 + 5
+  with pytest.raises(ValueError, match="split_meshes needs fuse_meshes"):
+    fm.train(**{**kwargs, "fuse_meshes": False}, split_meshes=True)
