@@ -17,6 +17,8 @@ Sections (``--sections``):
     pass per term (:func:`mgtrain.mge.mge_value_and_grad`);
   - ``mge{L}_by_mesh``: the same estimate with one pass per mesh
     (:func:`mgtrain.mge.mge_value_and_grad_by_mesh`; ``--mge`` picks);
+  - ``mge{L}_per_mesh``: that step as one program per mesh
+    (:class:`mgtrain.split_step.SplitStep`; ``--mge per-mesh``);
   - ``single_b{sum N_j}``: single-scale on the same number of samples.
 
   Models: ``resnet``, ``mfc-resnet``, ``mfc-pairwise-resnet``, ``unet`` and
@@ -87,6 +89,7 @@ from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv, resolve_conv_algorithm, standard_conv
 from mgtrain.nn.meshfree import MeshFreeConv, heat_filter_chunking
 from mgtrain.nn.unet import UNet
+from mgtrain.split_step import SplitStep
 from mgtrain.transform import multiscale
 
 SECTIONS = ("steps", "mfc", "torch", "time-to-mse", "loss-eval", "pipeline", "first-step")
@@ -177,9 +180,13 @@ def _memory(compiled) -> dict:
 
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
                   chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1,
-                  step_cache=None, cache_key: str = "", sequential: bool = False):
+                  step_cache=None, cache_key: str = "", sequential: bool = False,
+                  split_meshes: bool = False):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
+
+  With ``split_meshes`` (and ``fuse_meshes``) the step is a
+  :class:`mgtrain.split_step.SplitStep` (one program per mesh) instead.
 
   The step donates its state, which holds copies of ``params``
   (:func:`mgtrain.full_multiscale.fresh_state`). With ``accumulate=k`` the
@@ -193,20 +200,25 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   inner = optax.adam(1e-4)
   if accumulate > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulate).gradient_transformation()
+  if split_meshes and not fuse_meshes:
+    raise ValueError("split_meshes needs fuse_meshes")
   tx = multiscale(inner, len(stage.levels), level_terms=not fuse_meshes)
-  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
-                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
-                            sequential=sequential)
   state = fm.fresh_state(params, seed=0, tx=tx, step_cache=step_cache,
                          cache_key=(f"experiments.benchmark adam 1e-4 {cache_key} levels="
                                     f"{len(stage.levels)} fuse={fuse_meshes} accumulate={accumulate}"))
+  if split_meshes:
+    return SplitStep(stage, hierarchy, loss_fn, sample_denoise_batch, tx, chunk_pixels,
+                     sequential), state
+  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
+                            max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
+                            sequential=sequential)
   return jax.jit(step, donate_argnums=0), state
 
 
 def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                    chunk_pixels: int | None, fuse_meshes: bool = False,
                    compiler_options: dict | None = None, accumulate: int = 1,
-                   sequential: bool = False):
+                   sequential: bool = False, split_meshes: bool = False):
   """``stage``'s train step compiled and warmed up: ``(info, step)``.
 
   ``step()`` runs one optimizer step (``accumulate`` calls) and returns its
@@ -215,15 +227,26 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   first part); ``compiler_options`` are XLA options for this program only.
   With ``accumulate=k`` one step is ``k`` calls of the stage's program with
   gradient accumulation (:func:`stage_program`): a step on ``k`` times the
-  stage's batch whose working memory is that of one call.
+  stage's batch whose working memory is that of one call. With
+  ``split_meshes`` the step is one program per mesh; its memory figures are
+  then those of its largest program, which runs alone.
   """
   jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
-                                accumulate, sequential=sequential)
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, pool)
-  lower_s = time.perf_counter() - t0
-  compiled = lowered.compile(compiler_options=compiler_options or None)
-  compile_s = time.perf_counter() - t0
+                                accumulate, sequential=sequential, split_meshes=split_meshes)
+  if split_meshes:
+    compiled = jitted.compile(state, pool, compiler_options=compiler_options)
+    lower_s = compiled.lower_seconds
+    compile_s = lower_s + compiled.compile_seconds
+    plans = [_memory(c) for c in compiled.programs.values()]
+    memory = {k: max((m[k] for m in plans if m[k] is not None), default=None)
+              for k in ("temp_bytes", "peak_bytes")}
+  else:
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, pool)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile(compiler_options=compiler_options or None)
+    compile_s = time.perf_counter() - t0
+    memory = _memory(compiled)
   holder = {"state": compiled(state, pool)[0]}   # warm-up
 
   def one():
@@ -237,8 +260,8 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   info = {"levels": list(stage.levels),
           "batch_sizes": [n * accumulate for n in stage.batch_sizes],
           "work_units_per_step": float(stage.work_units_per_step) * accumulate,
-          "fuse_meshes": fuse_meshes, "sequential": sequential, "lower_seconds": lower_s,
-          "compile_seconds": compile_s, **_memory(compiled)}
+          "fuse_meshes": fuse_meshes, "split_meshes": split_meshes, "sequential": sequential,
+          "lower_seconds": lower_s, "compile_seconds": compile_s, **memory}
   if accumulate > 1:
     info.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
   return info, one
@@ -298,7 +321,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
                 accumulate_same: int = 0, sequential: bool = False) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
-  statistics kept) and/or ``by-mesh`` (one pass per mesh). ``same_samples=False``
+  statistics kept), ``by-mesh`` (one pass per mesh) and/or ``per-mesh`` (that
+  step as one program per mesh). ``same_samples=False``
   leaves out single-scale on the MGE step's samples (the slowest step), and
   with it the speed, #WU and memory ratios. That step is split into
   ``accumulate_same`` micro-batches with gradient accumulation (0: only when
@@ -327,7 +351,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
       stages = {f"single_b{config.base_batch}": (fm.Stage((0,), (config.base_batch,), 1),
                                                  False)}
       for mode in mge_modes:
-        stages[_mge_key(config.levels, mode)] = (mge_stage, mode == "by-mesh")
+        stages[_mge_key(config.levels, mode)] = (mge_stage, mode != "terms")
       if same_samples:
         stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
@@ -353,7 +377,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
                  + (f" (in {accumulate} accumulated micro-batches)" if accumulate > 1 else ""))
         row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
                                               chunk_pixels, fuse, accumulate=accumulate,
-                                              sequential=sequential)
+                                              sequential=sequential,
+                                              split_meshes=key.endswith("_per_mesh"))
         progress(f"    compile {row[key]['compile_seconds']:.1f} s, "
                  f"temp {row[key]['temp_bytes']} B")
       progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
@@ -381,8 +406,11 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   return rows
 
 
+MGE_MODES = ("terms", "by-mesh", "per-mesh")
+
+
 def _mge_key(levels: int, mode: str) -> str:
-  return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "")
+  return f"mge{levels}" + {"terms": "", "by-mesh": "_by_mesh", "per-mesh": "_per_mesh"}[mode]
 
 
 BENCH_LAYERS = ("conv3x3", "mfc", "conv3x3-winograd")
@@ -974,10 +1002,11 @@ def parse_args(argv=None):
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="per-level chunking as in experiments.denoise (default: "
                       f"{CPU_CHUNK_PIXELS} on CPU, off on GPU; 0 = off)")
-  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
+  p.add_argument("--mge", nargs="+", choices=MGE_MODES, default=["terms", "by-mesh"],
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
-                      "one pass per term, per-level statistics) and/or 'by-mesh' "
-                      "(mge_value_and_grad_by_mesh, one pass per mesh)")
+                      "one pass per term, per-level statistics), 'by-mesh' "
+                      "(mge_value_and_grad_by_mesh, one pass per mesh) and/or 'per-mesh' "
+                      "(that step as one program per mesh, mgtrain.split_step)")
   add_sequential_argument(p)
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "

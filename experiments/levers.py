@@ -45,7 +45,7 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
+from experiments.benchmark import BENCH_MODELS, MGE_MODES, _bench_model, _compile_stage, \
     _time_interleaved
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn
 from mgtrain import full_multiscale as fm
@@ -75,9 +75,10 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
            else fm.multiscale_schedule(h, 1)[0])
-  fuse = mode == "by-mesh" and not single_batch
+  fuse = mode != "terms" and not single_batch
   info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels, fuse,
-                              compiler_options=options, sequential=sequential)
+                              compiler_options=options, sequential=sequential,
+                              split_meshes=mode == "per-mesh" and not single_batch)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
@@ -130,7 +131,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--sizes", nargs="+", type=int, default=None)
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
-  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"])
+  p.add_argument("--mge", nargs="+", choices=MGE_MODES, default=["terms", "by-mesh"],
+                 help="per-mesh: the by-mesh step as one program per mesh (mgtrain.split_step)")
   p.add_argument("--options", nargs="+", type=json.loads, default=[{}],
                  help="XLA compile options per variant, as JSON objects")
   p.add_argument("--chunk-pixels", nargs="+", type=int, default=[0],

@@ -67,20 +67,31 @@ class CompiledSplitStep:
   """The compiled programs of a :class:`SplitStep`; ``(state, data) -> (state, metrics)``.
 
   Attributes:
-    hits: per program (``prepare``, ``mesh 0`` ...,``update``), whether it
+    hits: per program (``prepare``, ``mesh 0``, ..., ``update``), whether it
       came from the step cache (all False without one).
-    compile_seconds: per program, the seconds its lowering and compile (or
-      load) took inside its worker thread.
+    seconds: per program, the seconds spent on it (load, or lowering and
+      compile); the programs compile side by side, so these overlap.
+    lower_seconds: wall seconds of tracing and lowering (0 when all hit).
+    compile_seconds: wall seconds of the cache loads and XLA's compiles.
   """
 
   def __init__(self, prepare, mesh_passes, update, sequential: bool, hits: dict,
-               compile_seconds: dict):
+               seconds: dict, lower_seconds: float, compile_seconds: float):
     self._prepare = prepare
     self._sequential = sequential
     self._mesh_passes = list(mesh_passes)
     self._update = update
     self.hits = hits
+    self.seconds = seconds
+    self.lower_seconds = lower_seconds
     self.compile_seconds = compile_seconds
+
+  @property
+  def programs(self) -> dict:
+    """The compiled programs (``jax.stages.Compiled``) by name."""
+    return {"prepare": self._prepare,
+            **{f"mesh {m}": c for m, c in enumerate(self._mesh_passes)},
+            "update": self._update}
 
   def __call__(self, state: TrainState, data):
     return _run(self._prepare, self._mesh_passes, self._update, self._sequential, state, data)
@@ -155,51 +166,72 @@ class SplitStep:
                 self.sequential, state, data)
 
   def compile(self, state, data, *, step_cache=None, key: str | None = None,
-              workers: int | None = None) -> CompiledSplitStep:
+              workers: int | None = None,
+              compiler_options: dict | None = None) -> CompiledSplitStep:
     """Compiles the ``L + 2`` programs, ``workers`` at a time (threads).
 
     ``state`` and ``data`` are arrays or ``jax.ShapeDtypeStruct``s; the
     programs' other inputs are derived with ``jax.eval_shape``. With a
-    :class:`mgtrain.step_cache.StepCache` each program is looked up and
-    stored under ``key`` plus its name (``key`` must then describe the
-    stage's step, as for :meth:`StepCache.compile`). ``workers`` defaults to
-    the number of programs, at most ``os.cpu_count()``: XLA's compiles
-    release Python's lock, so on a machine with idle cores the meshes
-    compile side by side (on the 2-core CPU, where XLA's compile already
-    uses 1.6 cores, that saves nothing, but costs nothing either).
+    :class:`mgtrain.step_cache.StepCache` each program is first looked up
+    under ``key`` plus its name (``key`` must then describe the stage's
+    step, as for :meth:`StepCache.compile`), and the ones it lacks are
+    stored once compiled. In three phases: the cache loads (side by side),
+    tracing and lowering what was missing (one after another: tracing holds
+    Python's lock), then XLA's compiles (side by side: they release it).
+    ``workers`` defaults to the number of programs, at most
+    ``os.cpu_count()``; on the 2-core CPU, where one XLA compile already
+    keeps 1.6 cores busy, side by side saves nothing, but costs nothing
+    either. ``compiler_options`` are XLA options for every program.
     """
     if step_cache is not None and not key:
       raise ValueError("SplitStep.compile with a step_cache needs a key describing the step")
+    if workers is None:
+      workers = min(self.num_meshes + 2, os.cpu_count() or 1)
+    if workers < 1:
+      raise ValueError(f"workers must be at least 1, got {workers}")
     groups = jax.eval_shape(self._prepare, state, data)
-    params = state.params
     per_term = jax.ShapeDtypeStruct((self.num_meshes,), jnp.float32)
     jobs = {"prepare": (self._prepare, (state, data))}
     outputs = []
     for m, group in enumerate(groups):
-      args = (params, group, per_term if self.sequential and m > 0 else None)
+      args = (state.params, group, per_term if self.sequential and m > 0 else None)
       jobs[f"mesh {m}"] = (self._mesh_pass, args)
       outputs.append(jax.eval_shape(self._mesh_pass, *args))
     jobs["update"] = (self._update, (state, outputs))
+    options = f"\ncompiler_options={sorted(compiler_options.items())}" if compiler_options else ""
+    cache_keys = {name: f"{key}\nsplit step: {name}{options}" for name in jobs}
+    seconds = dict.fromkeys(jobs, 0.0)
 
-    def build(name):
-      jitted, args = jobs[name]
+    def timed(name, fn):
       t0 = time.perf_counter()
-      if step_cache is None:
-        compiled, hit = jitted.lower(*args).compile(), False
-      else:
-        compiled, hit = step_cache.compile(jitted, *args, key=f"{key}\nsplit step: {name}")
-      return compiled, hit, time.perf_counter() - t0
+      out = fn()
+      seconds[name] += time.perf_counter() - t0
+      return out
 
-    if workers is None:
-      workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 1:
-      raise ValueError(f"workers must be at least 1, got {workers}")
     with concurrent.futures.ThreadPoolExecutor(workers, "mgtrain-split-step") as pool:
-      built = dict(zip(jobs, pool.map(build, jobs)))
+      t0 = time.perf_counter()
+      compiled = dict.fromkeys(jobs)
+      if step_cache is not None:
+        compiled = dict(zip(jobs, pool.map(
+            lambda n: timed(n, lambda: step_cache.load(cache_keys[n], *jobs[n][1])), jobs)))
+      hits = {name: c is not None for name, c in compiled.items()}
+      t1 = time.perf_counter()
+      missing = [name for name in jobs if compiled[name] is None]
+      lowered = {n: timed(n, lambda n=n: jobs[n][0].lower(*jobs[n][1])) for n in missing}
+      t2 = time.perf_counter()
+
+      def build(name):
+        out = lowered[name].compile(compiler_options=compiler_options or None)
+        if step_cache is not None:
+          step_cache.store(out, cache_keys[name], *jobs[name][1])
+        return out
+
+      compiled.update(zip(missing, pool.map(lambda n: timed(n, lambda: build(n)), missing)))
+      t3 = time.perf_counter()
     return CompiledSplitStep(
-        built["prepare"][0], [built[f"mesh {m}"][0] for m in range(len(groups))],
-        built["update"][0], self.sequential, hits={n: b[1] for n, b in built.items()},
-        compile_seconds={n: b[2] for n, b in built.items()})
+        compiled["prepare"], [compiled[f"mesh {m}"] for m in range(len(groups))],
+        compiled["update"], self.sequential, hits=hits, seconds=seconds,
+        lower_seconds=t2 - t1, compile_seconds=(t1 - t0) + (t3 - t2))
 
 
 __all__ = ["SplitStep", "CompiledSplitStep"]

@@ -15,6 +15,15 @@ def test_smoke_levers_time_variants_and_report_bad_options(tmp_path):
   assert (tmp_path / "levers.json").exists()
 
 
+def test_smoke_levers_step_as_one_program_per_mesh(tmp_path):
+  (row,) = levers.main(["--config", "smoke", "--mge", "per-mesh", "--repeats", "1",
+                        "--workdir", str(tmp_path)])
+  assert row["split_meshes"] and row["fuse_meshes"] and row["mge"] == "per-mesh"
+  assert row["seconds_per_step"] > 0 and row["temp_bytes"] > 0
+  assert 0 < row["lower_seconds"] < row["compile_seconds"]
+  assert "| per-mesh |" in (tmp_path / "levers.md").read_text()
+
+
 def test_variants_are_timed_in_interleaved_rounds(monkeypatch):
   """Round r calls every variant once, in order, and ratios pair times by round."""
   calls = []
