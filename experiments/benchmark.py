@@ -17,8 +17,8 @@ Sections (``--sections``):
     pass per term (:func:`mgtrain.mge.mge_value_and_grad`);
   - ``mge{L}_by_mesh``: the same estimate with one pass per mesh
     (:func:`mgtrain.mge.mge_value_and_grad_by_mesh`; ``--mge`` picks);
-  - ``mge{L}_per_mesh``: that step as one program per mesh
-    (:class:`mgtrain.split_step.SplitStep`; ``--mge per-mesh``);
+  - with ``--split-step``, each MGE step as one program per model pass
+    (:class:`mgtrain.split_step.SplitStep`; keys ending ``_split``);
   - ``single_b{sum N_j}``: single-scale on the same number of samples.
 
   Models: ``resnet``, ``mfc-resnet``, ``mfc-pairwise-resnet``, ``unet`` and
@@ -79,8 +79,8 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, \
-    model_conv, resolve_sequential, sample_denoise_batch
+    add_conv_algorithm_argument, add_sequential_argument, add_split_step_argument, \
+    compute_dtype, make_loss_fn, model_conv, resolve_sequential, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -181,12 +181,12 @@ def _memory(compiled) -> dict:
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
                   chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1,
                   step_cache=None, cache_key: str = "", sequential: bool = False,
-                  split_meshes: bool = False):
+                  split_step: bool = False):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
 
-  With ``split_meshes`` (and ``fuse_meshes``) the step is a
-  :class:`mgtrain.split_step.SplitStep` (one program per mesh) instead.
+  With ``split_step`` the step is a :class:`mgtrain.split_step.SplitStep`
+  (one program per model pass) instead.
 
   The step donates its state, which holds copies of ``params``
   (:func:`mgtrain.full_multiscale.fresh_state`). With ``accumulate=k`` the
@@ -200,15 +200,13 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
   inner = optax.adam(1e-4)
   if accumulate > 1:
     inner = optax.MultiSteps(inner, every_k_schedule=accumulate).gradient_transformation()
-  if split_meshes and not fuse_meshes:
-    raise ValueError("split_meshes needs fuse_meshes")
   tx = multiscale(inner, len(stage.levels), level_terms=not fuse_meshes)
   state = fm.fresh_state(params, seed=0, tx=tx, step_cache=step_cache,
                          cache_key=(f"experiments.benchmark adam 1e-4 {cache_key} levels="
                                     f"{len(stage.levels)} fuse={fuse_meshes} accumulate={accumulate}"))
-  if split_meshes:
+  if split_step:
     return SplitStep(stage, hierarchy, loss_fn, sample_denoise_batch, tx, chunk_pixels,
-                     sequential), state
+                     sequential, fuse_meshes), state
   step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
                             max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
                             sequential=sequential)
@@ -218,7 +216,7 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
 def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                    chunk_pixels: int | None, fuse_meshes: bool = False,
                    compiler_options: dict | None = None, accumulate: int = 1,
-                   sequential: bool = False, split_meshes: bool = False):
+                   sequential: bool = False, split_step: bool = False):
   """``stage``'s train step compiled and warmed up: ``(info, step)``.
 
   ``step()`` runs one optimizer step (``accumulate`` calls) and returns its
@@ -228,12 +226,12 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   With ``accumulate=k`` one step is ``k`` calls of the stage's program with
   gradient accumulation (:func:`stage_program`): a step on ``k`` times the
   stage's batch whose working memory is that of one call. With
-  ``split_meshes`` the step is one program per mesh; its memory figures are
+  ``split_step`` the step is one program per model pass; its memory figures are
   then those of its largest program, which runs alone.
   """
   jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
-                                accumulate, sequential=sequential, split_meshes=split_meshes)
-  if split_meshes:
+                                accumulate, sequential=sequential, split_step=split_step)
+  if split_step:
     compiled = jitted.compile(state, pool, compiler_options=compiler_options)
     lower_s = compiled.lower_seconds
     compile_s = lower_s + compiled.compile_seconds
@@ -260,7 +258,7 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   info = {"levels": list(stage.levels),
           "batch_sizes": [n * accumulate for n in stage.batch_sizes],
           "work_units_per_step": float(stage.work_units_per_step) * accumulate,
-          "fuse_meshes": fuse_meshes, "split_meshes": split_meshes, "sequential": sequential,
+          "fuse_meshes": fuse_meshes, "split_step": split_step, "sequential": sequential,
           "lower_seconds": lower_s, "compile_seconds": compile_s, **memory}
   if accumulate > 1:
     info.update(accumulated_in=accumulate, micro_batch_sizes=list(stage.batch_sizes))
@@ -319,10 +317,11 @@ def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> in
 
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
-                accumulate_same: int = 0, sequential: bool = False) -> list[dict]:
+                accumulate_same: int = 0, sequential: bool = False,
+                split_step: bool = False) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
-  statistics kept), ``by-mesh`` (one pass per mesh) and/or ``per-mesh`` (that
-  step as one program per mesh). ``same_samples=False``
+  statistics kept) and/or ``by-mesh`` (one pass per mesh); with
+  ``split_step`` each as one program per pass. ``same_samples=False``
   leaves out single-scale on the MGE step's samples (the slowest step), and
   with it the speed, #WU and memory ratios. That step is split into
   ``accumulate_same`` micro-batches with gradient accumulation (0: only when
@@ -351,7 +350,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
       stages = {f"single_b{config.base_batch}": (fm.Stage((0,), (config.base_batch,), 1),
                                                  False)}
       for mode in mge_modes:
-        stages[_mge_key(config.levels, mode)] = (mge_stage, mode != "terms")
+        stages[_mge_key(config.levels, mode, split_step)] = (mge_stage, mode == "by-mesh")
       if same_samples:
         stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
       row = {"model": model_name, "size": size, "levels": config.levels}
@@ -378,7 +377,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
                                               chunk_pixels, fuse, accumulate=accumulate,
                                               sequential=sequential,
-                                              split_meshes=key.endswith("_per_mesh"))
+                                              split_step=key.endswith("_split"))
         progress(f"    compile {row[key]['compile_seconds']:.1f} s, "
                  f"temp {row[key]['temp_bytes']} B")
       progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
@@ -387,7 +386,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         row[key].update(seconds_per_step=statistics.median(times), samples=times)
         progress(f"    {key}: {row[key]['seconds_per_step'] * 1e3:.2f} ms/step")
       del steps   # frees the compiled steps and their states before the next size
-      mge_key = min((_mge_key(config.levels, m) for m in mge_modes),
+      mge_key = min((_mge_key(config.levels, m, split_step) for m in mge_modes),
                     key=lambda k: row[k]["seconds_per_step"])
       mge = row[mge_key]
       row["fastest_mge"] = mge_key
@@ -406,11 +405,9 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   return rows
 
 
-MGE_MODES = ("terms", "by-mesh", "per-mesh")
-
-
-def _mge_key(levels: int, mode: str) -> str:
-  return f"mge{levels}" + {"terms": "", "by-mesh": "_by_mesh", "per-mesh": "_per_mesh"}[mode]
+def _mge_key(levels: int, mode: str, split_step: bool = False) -> str:
+  return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "") + ("_split" if split_step
+                                                                         else "")
 
 
 BENCH_LAYERS = ("conv3x3", "mfc", "conv3x3-winograd")
@@ -488,7 +485,8 @@ FIRST_STEP_RUNS = ("cold", "warm", "warm_step_cache")
 def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_dir: Path,
                      progress=print, sequential: bool = False,
                      runs: tuple[str, ...] = FIRST_STEP_RUNS,
-                     init_platform: str | None = None) -> list[dict]:
+                     init_platform: str | None = None,
+                     split_step: bool = False) -> list[dict]:
   """Section ``first-step``: a fresh process's time to its first training step.
 
   For each model, ``python -m experiments.first_step`` runs three times in
@@ -510,7 +508,8 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
   emptied first. ``sequential`` is passed on (``--sequential on|off``).
   ``runs`` picks some of them, in this order (``("cold",)`` times a cold
   compile alone, e.g. under other ``XLA_FLAGS``, which the children inherit).
-  ``init_platform`` (e.g. ``"cpu"``) is passed on as ``--init-platform``.
+  ``init_platform`` (e.g. ``"cpu"``) is passed on as ``--init-platform``,
+  ``split_step`` as ``--split-step``.
   """
   import shutil
   unknown = set(runs) - set(FIRST_STEP_RUNS)
@@ -521,7 +520,7 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
     cache = cache_dir / model_name
     shutil.rmtree(cache, ignore_errors=True)
     row = {"model": model_name, "size": config.first_step_size, "levels": config.levels,
-           "base_batch": config.base_batch, "mge": mode}
+           "base_batch": config.base_batch, "mge": mode, "split_step": split_step}
     for run in (r for r in FIRST_STEP_RUNS if r in runs):
       progress(f"  first step, {model_name} {config.first_step_size}^2 {mode}, {run} ...")
       step_cache = [] if run == "warm" else ["--step-cache", str(cache / "steps")]
@@ -532,7 +531,8 @@ def bench_first_step(config: BenchConfig, mode: str, device: str | None, cache_d
              "--conv-algorithm", config.conv_algorithm,
              "--compile-cache", str(cache / "xla"), *step_cache] + (
                  ["--device", device] if device else []) + (
-                 ["--init-platform", init_platform] if init_platform else [])
+                 ["--init-platform", init_platform] if init_platform else []) + (
+                 ["--split-step"] if split_step else [])
       t0 = time.perf_counter()
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parents[1])
@@ -557,16 +557,17 @@ def first_step_table(rows: list[dict]) -> str:
            "process wall s | initial params (sha256) |",
            "|---" * 13 + "|"]
   for r in rows:
+    step = r["mge"] + (" split" if r.get("split_step") else "")
     for run in FIRST_STEP_RUNS:
       if run not in r:
         continue
       c = r[run]
       if "phases" not in c:
-        lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
+        lines.append(f"| {r['model']} | {r['size']} | {step} | {labels[run]} | "
                      f"{c.get('error', 'not run')} |" + " |" * 8)
         continue
       ph = c["phases"]
-      lines.append(f"| {r['model']} | {r['size']} | {r['mge']} | {labels[run]} | "
+      lines.append(f"| {r['model']} | {r['size']} | {step} | {labels[run]} | "
                    f"{ph['imports']:.1f} | {ph['init']:.1f} | {ph['state']:.1f} | "
                    f"{ph['trace_and_lower']:.1f} | {ph['compile']:.1f} | "
                    f"{ph['first_step']:.2f} | {c['since_start']:.1f} | {c['wall_to_exit']:.1f} | "
@@ -1002,11 +1003,11 @@ def parse_args(argv=None):
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="per-level chunking as in experiments.denoise (default: "
                       f"{CPU_CHUNK_PIXELS} on CPU, off on GPU; 0 = off)")
-  p.add_argument("--mge", nargs="+", choices=MGE_MODES, default=["terms", "by-mesh"],
+  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
-                      "one pass per term, per-level statistics), 'by-mesh' "
-                      "(mge_value_and_grad_by_mesh, one pass per mesh) and/or 'per-mesh' "
-                      "(that step as one program per mesh, mgtrain.split_step)")
+                      "one pass per term, per-level statistics) and/or 'by-mesh' "
+                      "(mge_value_and_grad_by_mesh, one pass per mesh)")
+  add_split_step_argument(p)
   add_sequential_argument(p)
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
@@ -1116,7 +1117,7 @@ def main(argv=None) -> dict:
                           progress, on_row=lambda new: save(done + new),
                           same_samples=not args.skip_same_samples,
                           accumulate_same=args.same_samples_accumulate,
-                          sequential=sequential)
+                          sequential=sequential, split_step=args.split_step)
       if bracket and "skipped" in before:
         torch_skipped = before
       elif bracket:
@@ -1156,7 +1157,8 @@ def main(argv=None) -> dict:
     mode = "by-mesh" if "by-mesh" in args.mge else args.mge[0]
     out["first_step"] = bench_first_step(config, mode, args.device,
                                          workdir / "first_step_cache", progress, sequential,
-                                         tuple(args.first_step_runs), args.init_platform)
+                                         tuple(args.first_step_runs), args.init_platform,
+                                         args.split_step)
     md += ["", "Time to the first training step of a fresh process (cold: empty caches; "
            "warm: a second run, with JAX's persistent compilation cache alone and with "
            "mgtrain's step cache too)", "", first_step_table(out["first_step"])]

@@ -23,14 +23,17 @@
 #   cold compile took 58 s on an H200, against a 20 s target). Each cold
 #   compile runs in a fresh process with empty caches, because XLA's
 #   autotuner keeps its results in memory for the rest of a process: XLA's
-#   defaults, then --xla_gpu_autotune_level=1 (keeps autotuning, skips its
+#   defaults, then the step as one program per mesh (--split-step,
+#   mgtrain.split_step: its programs compile side by side on the host's
+#   cores; cold, then warm from the caches), then
+#   --xla_gpu_autotune_level=1 (keeps autotuning, skips its
 #   buffer initialisation and correctness checks), then JAX's threefry PRNG
 #   lowered to one CUDA kernel (JAX_THREEFRY_GPU_KERNEL_LOWERING; the UNet's
 #   initialiser is mostly random-number kernels), then the initialiser run on
 #   the host CPU (--init-platform cpu; on CPU its parameters' sha256 begins
 #   6337712d510a). Each run prints the initial parameters' sha256, to show
-#   whether a flag changed them. Then the step time under autotune level 1
-#   against the default (one process, interleaved rounds), a cold compile
+#   whether a flag changed them. Then the step time of one program per mesh
+#   against one program, and under autotune level 1 against the default (one process, interleaved rounds), a cold compile
 #   under --xla_gpu_force_compilation_parallelism=16, and bfloat16 compute for
 #   the ResNet at 256^2, which part 2 did not reach.
 # Part 4: where the GPU's time goes (python -m experiments.profile_step, ms
@@ -167,11 +170,15 @@ elif [ "$part" = 3 ]; then
   cold=("${bench[@]}" --sections first-step --first-step-runs cold)
   flags="${XLA_FLAGS:-}"
   section first_step_cold_default 17 benchmark.md "${cold[@]}"
+  section first_step_split 25 benchmark.md "${bench[@]}" --sections first-step \
+    --mge by-mesh --split-step
   section first_step_cold_autotune1 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
   section first_step_cold_threefry_kernel 17 benchmark.md \
     env JAX_THREEFRY_GPU_KERNEL_LOWERING=true "${cold[@]}"
   section first_step_cold_init_on_cpu 17 benchmark.md "${cold[@]}" --init-platform cpu
+  section levers_split 40 levers.md "${levers[@]}" "${unet_lever[@]}" \
+    --mge by-mesh --split-step off on "${repeats[@]}"
   section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
     --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
   section first_step_cold_parallel16 100 benchmark.md \

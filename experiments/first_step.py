@@ -6,7 +6,7 @@ loading it from JAX's persistent compilation cache), and the first step
 itself. With ``--step-cache`` the compiled step is looked up in a
 :class:`mgtrain.step_cache.StepCache` first; a hit skips tracing, lowering
 and compiling (``trace_and_lower`` is then 0 and ``compile`` is the load).
-``--mge per-mesh`` builds the by-mesh step as one program per mesh
+``--split-step`` builds the MGE step as one program per model pass
 (:class:`mgtrain.split_step.SplitStep`), loaded or compiled side by side.
 
 The step is the benchmark's denoising train step
@@ -52,9 +52,10 @@ def main(argv=None) -> dict:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--levels", type=int, default=4)
   p.add_argument("--base-batch", type=int, default=16)
-  p.add_argument("--mge", choices=("by-mesh", "per-mesh", "terms", "single"), default="by-mesh",
-                 help="per-mesh: the by-mesh step as one program per mesh "
-                      "(mgtrain.split_step), compiled side by side")
+  p.add_argument("--mge", choices=("by-mesh", "terms", "single"), default="by-mesh")
+  p.add_argument("--split-step", action="store_true",
+                 help="the MGE step as one program per model pass (mgtrain.split_step), "
+                      "loaded or compiled side by side")
   p.add_argument("--chunk-pixels", type=int, default=0, help="0: no chunking")
   # Not experiments.denoise.add_sequential_argument: importing denoise here
   # would import jax before the "imports" phase is timed.
@@ -120,19 +121,20 @@ def main(argv=None) -> dict:
            else fm.multiscale_schedule(hierarchy, 1)[0])
   t = time.perf_counter()
   sequential = resolve_sequential(args.sequential)
+  split = args.split_step
   jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params,
                                 args.chunk_pixels or None,
-                                fuse_meshes=args.mge in ("by-mesh", "per-mesh"),
+                                fuse_meshes=args.mge == "by-mesh",
                                 step_cache=step_cache,
                                 cache_key=f"model={args.model} conv={conv_algorithm}",
-                                sequential=sequential, split_meshes=args.mge == "per-mesh")
+                                sequential=sequential, split_step=split)
   jax.block_until_ready(state)
   phases["state"] = time.perf_counter() - t
   hit = None
   key = (f"experiments.first_step model={args.model} conv={conv_algorithm} "
-         f"chunk={args.chunk_pixels} "
+         f"mge={args.mge} chunk={args.chunk_pixels} "
          f"sequential={sequential} {stage!r} {hierarchy!r}")
-  if args.mge == "per-mesh":
+  if split:
     # SplitStep.compile loads, traces and compiles its programs in phases of
     # its own (loads and compiles side by side); its figures are those phases.
     compiled = jitted.compile(state, pool, step_cache=step_cache, key=key)
@@ -146,7 +148,7 @@ def main(argv=None) -> dict:
     if hit:
       phases["trace_and_lower"] = 0.0
       phases["compile"] = time.perf_counter() - t
-  if not hit and args.mge != "per-mesh":
+  if not hit and not split:
     t = time.perf_counter()
     lowered = jitted.lower(state, pool)
     phases["trace_and_lower"] = time.perf_counter() - t
@@ -160,6 +162,7 @@ def main(argv=None) -> dict:
   jax.block_until_ready(metrics["loss"])
   phases["first_step"] = time.perf_counter() - t
   out = {"model": args.model, "size": size, "levels": args.levels, "mge": args.mge,
+         "split_step": split,
          "sequential": sequential,
          "backend": jax.default_backend(), "compile_cache": args.compile_cache or None,
          "step_cache": None if step_cache is None else ("hit" if hit else "miss"),

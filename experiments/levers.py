@@ -45,7 +45,7 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_MODELS, MGE_MODES, _bench_model, _compile_stage, \
+from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
     _time_interleaved
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn
 from mgtrain import full_multiscale as fm
@@ -57,16 +57,18 @@ from mgtrain.nn.convs import resolve_conv_algorithm
 def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                     options: dict, chunk_pixels: int | None = None,
                     single_batch: int | None = None, dtype: str = "float32",
-                    sequential: bool = False,
-                    conv_algorithm: str = "auto") -> tuple[dict, Callable[[], jax.Array]]:
+                    sequential: bool = False, conv_algorithm: str = "auto",
+                    split_step: bool = False) -> tuple[dict, Callable[[], jax.Array]]:
   """One variant compiled and warmed up by the benchmark's own ``_compile_stage``.
 
   Returns ``(row, step)``: the variant's settings with its lowering and
   compile seconds and memory plan, and ``step()``, which runs one optimizer
   step and returns its loss. ``dtype`` is the model's compute dtype,
   ``sequential`` runs the model passes one after another
-  (:func:`mgtrain.mge.sequence_after`), and ``conv_algorithm`` computes the
-  standard 3x3 convs (:func:`mgtrain.nn.convs.resolve_conv_algorithm`).
+  (:func:`mgtrain.mge.sequence_after`), ``conv_algorithm`` computes the
+  standard 3x3 convs (:func:`mgtrain.nn.convs.resolve_conv_algorithm`), and
+  ``split_step`` compiles the MGE step as one program per model pass
+  (:class:`mgtrain.split_step.SplitStep`).
   """
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
   model = _bench_model(model_name, dtype, conv_algorithm)
@@ -75,10 +77,10 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
            else fm.multiscale_schedule(h, 1)[0])
-  fuse = mode != "terms" and not single_batch
+  fuse = mode == "by-mesh" and not single_batch
   info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels, fuse,
                               compiler_options=options, sequential=sequential,
-                              split_meshes=mode == "per-mesh" and not single_batch)
+                              split_step=split_step and not single_batch)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
@@ -107,7 +109,8 @@ def levers_table(rows: list[dict]) -> str:
            "| ratio to first | compile s | working memory MB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    mode = f"single b{r['single_batch']}" if r.get("single_batch") else r["mge"]
+    mode = f"single b{r['single_batch']}" if r.get("single_batch") else (
+        r["mge"] + (" split" if r.get("split_step") else ""))
     settings = (f"| {r['model']} | {r['size']} | {mode} | {r['compute_dtype']} "
                 f"| {'on' if r['sequential'] else 'off'} | {r.get('conv_algorithm', 'direct')} "
                 f"| {r.get('chunk_pixels') or 0} "
@@ -131,8 +134,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--sizes", nargs="+", type=int, default=None)
   p.add_argument("--levels", type=int, default=None)
   p.add_argument("--base-batch", type=int, default=None)
-  p.add_argument("--mge", nargs="+", choices=MGE_MODES, default=["terms", "by-mesh"],
-                 help="per-mesh: the by-mesh step as one program per mesh (mgtrain.split_step)")
+  p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"])
   p.add_argument("--options", nargs="+", type=json.loads, default=[{}],
                  help="XLA compile options per variant, as JSON objects")
   p.add_argument("--chunk-pixels", nargs="+", type=int, default=[0],
@@ -142,6 +144,9 @@ def main(argv=None) -> list[dict]:
                  help="model compute dtypes to try (bfloat16: float32 params and Adam)")
   p.add_argument("--sequential", nargs="+", choices=("off", "on"), default=["off"],
                  help="model passes side by side (off) and/or one after another (on)")
+  p.add_argument("--split-step", nargs="+", choices=("off", "on"), default=["off"],
+                 help="the MGE step as one program (off) and/or one program per model "
+                      "pass (on; mgtrain.split_step)")
   add_conv_algorithm_argument(p, nargs="+")
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
@@ -158,18 +163,20 @@ def main(argv=None) -> list[dict]:
   for size in sizes:
     timed_rows, steps = [], []
     for mode in (["single"] if args.single_batch else args.mge):
-      for options, chunk, dtype, seq, algo in itertools.product(
+      for options, chunk, dtype, seq, algo, split in itertools.product(
           args.options, args.chunk_pixels, args.compute_dtype, args.sequential,
-          args.conv_algorithm):
+          args.conv_algorithm, args.split_step):
         label = (f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
-                 f"conv {algo} {json.dumps(options)}")
+                 f"conv {algo} split {split} {json.dumps(options)}")
         try:
           row, step = compile_variant(args.model, size, levels, base_batch, mode, options,
                                       chunk or None, args.single_batch or None, dtype,
-                                      sequential=seq == "on", conv_algorithm=algo)
+                                      sequential=seq == "on", conv_algorithm=algo,
+                                      split_step=split == "on")
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
                  "compute_dtype": dtype, "sequential": seq == "on", "conv_algorithm": algo,
+                 "split_step": split == "on",
                  "error": str(e).splitlines()[0]}
           print(f"{label}: {row['error']}", flush=True)
         else:

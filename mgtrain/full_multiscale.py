@@ -279,7 +279,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
           carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False,
           level_parallel=None, step_cache=None, step_cache_key: str | None = None,
-          sequential: bool = False, compile_ahead: bool = False, split_meshes: bool = False):
+          sequential: bool = False, compile_ahead: bool = False, split_step: bool = False):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -343,13 +343,13 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       ``history["background_compile_seconds"]`` the time each background
       compile took. XLA compiles with the GIL released; tracing holds it.
       Does nothing with ``mesh`` or ``level_parallel``.
-    split_meshes: with ``fuse_meshes``, each stage's step is one program per
-      mesh plus a sampling and an update program
-      (:class:`mgtrain.split_step.SplitStep`): the same update to float
-      rounding, compiled side by side, in less total time, and loaded from
-      ``step_cache`` much faster than one program; the price is a few
-      program launches per step. Not combinable with ``mesh`` or
-      ``level_parallel``.
+    split_step: each stage's step is one program per model pass (per term,
+      or per mesh with ``fuse_meshes``) plus a sampling and an update
+      program (:class:`mgtrain.split_step.SplitStep`): the same update to
+      float rounding, compiled in less time (side by side where cores are
+      idle) and loaded from ``step_cache`` several times faster than one
+      program; the price is a few program launches per step. Not
+      combinable with ``mesh`` or ``level_parallel``.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -367,8 +367,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       lp_lib.group_sizes(st, len(lp_devices))   # fails early: too few devices
   else:
     lp_devices = None
-  if split_meshes and (not fuse_meshes or mesh is not None or lp_devices is not None):
-    raise ValueError("split_meshes needs fuse_meshes and cannot be combined with mesh or "
+  if split_step and (mesh is not None or lp_devices is not None):
+    raise ValueError("split_step runs on one device: it cannot be combined with mesh or "
                      "level_parallel")
   if step_cache is not None:
     if lp_devices is not None:
@@ -425,10 +425,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         f"fm.train {step_cache_key}\nstage {s} {stages[s]!r}\n{hierarchy!r}\n"
         f"chunk={max_pixels_per_chunk} fuse={fuse_meshes} seq={sequential} seed={seed} "
         f"mesh={None if mesh is None else dict(mesh.shape)}")
-    if split_meshes:
+    if split_step:
       from mgtrain.split_step import SplitStep  # pylint: disable=g-import-not-at-top
       return SplitStep(stages[s], hierarchy, loss_fn, sample_fn, optimizers[s],
-                       max_pixels_per_chunk, sequential).compile(
+                       max_pixels_per_chunk, sequential, fuse_meshes).compile(
                            state_like, data, step_cache=step_cache, key=key)
     step_fn = jax.jit(make_stage_step(stages[s], hierarchy, loss_fn, sample_fn, optimizers[s],
                                       max_pixels_per_chunk, fuse_meshes, sequential),

@@ -1,44 +1,48 @@
-"""A stage's MGE train step as one XLA program per mesh.
+"""A stage's MGE train step as one XLA program per model pass.
 
 :func:`mgtrain.full_multiscale.make_stage_step` jits a whole step (sampling,
-every mesh's forward and backward pass, the optimizer) into one program.
-That is the fastest step, but one big program is slow to compile and slow
-to load: XLA's compile and its executable loading grow faster than linearly
-with the program's size. :class:`SplitStep` computes the *same* step as
-``L + 2`` programs, run one after another on one device:
+every level's forward and backward passes, the optimizer) into one program.
+One big program is slow to compile and, above all, slow to load: XLA's
+compile and its executable loading grow faster than linearly with the
+program's size. :class:`SplitStep` computes the *same* step as ``L + 2``
+programs, run one after another on one device:
 
-* ``prepare(state, data) -> groups``: the step's keys
-  (:func:`mgtrain.full_multiscale.step_keys`), every level's batch and the
-  per-mesh groups of :func:`mgtrain.mge.mesh_groups` (batches
+* ``prepare(state, data)``: the step's keys
+  (:func:`mgtrain.full_multiscale.step_keys`), every level's batch and its
+  views (:func:`mgtrain.mge.level_views`); with ``fuse_meshes`` regrouped by
+  mesh (:func:`mgtrain.mge.mesh_groups`: batches
   ``N_0, N_1 + N_0, ..., N_{L-1} + N_{L-2}``);
-* for each mesh ``m``, ``mesh_pass(params, group_m, after) -> (per_term,
-  grad)``: :func:`mgtrain.mge.mesh_value_and_grad`, one forward and backward
-  pass of the model at that mesh's resolution;
-* ``update(state, outputs) -> (state, metrics)``: the sums over the meshes
-  (in the one-program step's order) and
+* ``pass k`` for each of the ``L`` terms (or meshes): the value and gradient
+  of term ``k`` of Eq. 6 (:func:`mgtrain.mge.term_value_and_grad`: the same
+  samples on meshes ``k`` and ``k+1``), or with ``fuse_meshes`` of mesh
+  ``k``'s weighted batch (:func:`mgtrain.mge.mesh_value_and_grad`);
+* ``update(state, outputs) -> (state, metrics)``: the per-level gradients
+  stacked (or, by mesh, summed in the one-program step's order) and
   :func:`mgtrain.full_multiscale.apply_gradient`. It donates the state.
 
-The sum is the one-program step's (Eq. 6 regrouped by mesh), so the update
-equals it to float rounding (XLA fuses the two programs differently). The
-step draws the same samples. ``tx`` must be a
-``multiscale(..., level_terms=False)``, as for ``fuse_meshes=True``.
+So ``tx`` is what :func:`mgtrain.full_multiscale.make_stage_step` takes with
+the same ``fuse_meshes`` (a ``multiscale(..., level_terms=not fuse_meshes)``).
+The step draws the same samples and computes the same sums, so its update
+equals the one-program step's to float rounding (XLA fuses the programs
+differently).
 
-Why: the programs are smaller, so they compile in less total time, can
-compile side by side on a machine with idle cores
-(:meth:`SplitStep.compile`, ``workers``), and load much faster from
-:class:`mgtrain.step_cache.StepCache`. The UNet's 4-level MGE step at 64^2 on
-the 2-core CPU (a probe of 2026-12-05, one process each): the whole step
-compiled in 64-68 s and its 21 MB executable loaded in 12.6 s; the four
-mesh passes compiled in 50-54 s in all (13, 14-16, 15, 9-10 s) and loaded in
-4.9 s in all (5, 5, 5 and 3 MB). The price is a few program launches per
-step and the per-mesh gradients written out between programs; see
-``docs/benchmark_cpu.md`` for the measured step times.
+Why: the UNet's 4-level MGE step by mesh at 64^2 on the 2-core CPU
+(2026-12-05, fresh processes, ``python -m experiments.first_step``): time
+before the first step 84.6 s cold as one program, 70.2 s split (compile
+64.6 -> 56.2 s, trace and lower 9.2 -> 2.8 s); from
+:class:`mgtrain.step_cache.StepCache` 11.0 / 11.9 s as one program (loading
+its 21 MB executable: 8.9 / 9.8 s) and 3.5 / 3.8 s split (the programs
+loaded side by side: 1.56 / 1.55 s). Steps took the same time (1.90 against
+1.87 s, median of per-round ratios 1.013, 10 interleaved rounds of
+``python -m experiments.levers``). Their programs also compile side by side
+(:meth:`SplitStep.compile`, ``workers``), which pays on a machine with idle
+cores; on this 2-core CPU one XLA compile already keeps 1.6 cores busy.
 
-With ``sequential`` each mesh pass starts only after the previous one has
-finished (its inputs depend on the previous pass's ``per_term`` through
-:func:`mgtrain.mge.sequence_after`), so at most one pass's activations are
-alive at a time, as in the one-program step's ``sequential`` mode; chunks
-inside a pass (``max_pixels_per_chunk``) follow the same flag.
+With ``sequential`` pass ``k+1``'s inputs depend on pass ``k``'s output
+(:func:`mgtrain.mge.sequence_after`), so it starts only once pass ``k``'s
+program has finished and one pass's activations are alive at a time, as in
+the one-program step's ``sequential`` mode; chunks inside a pass
+(``max_pixels_per_chunk``) follow the same flag.
 
 Example::
 
@@ -60,14 +64,15 @@ import optax
 
 from mgtrain.full_multiscale import Stage, TrainState, apply_gradient, step_keys
 from mgtrain.hierarchy import Hierarchy
-from mgtrain.mge import level_views, mesh_groups, mesh_value_and_grad, sequence_after
+from mgtrain.mge import level_views, mesh_groups, mesh_value_and_grad, sequence_after, \
+    term_value_and_grad
 
 
 class CompiledSplitStep:
   """The compiled programs of a :class:`SplitStep`; ``(state, data) -> (state, metrics)``.
 
   Attributes:
-    hits: per program (``prepare``, ``mesh 0``, ..., ``update``), whether it
+    hits: per program (``prepare``, ``pass 0``, ..., ``update``), whether it
       came from the step cache (all False without one).
     seconds: per program, the seconds spent on it (load, or lowering and
       compile); the programs compile side by side, so these overlap.
@@ -75,11 +80,11 @@ class CompiledSplitStep:
     compile_seconds: wall seconds of the cache loads and XLA's compiles.
   """
 
-  def __init__(self, prepare, mesh_passes, update, sequential: bool, hits: dict,
+  def __init__(self, prepare, passes, update, sequential: bool, hits: dict,
                seconds: dict, lower_seconds: float, compile_seconds: float):
     self._prepare = prepare
     self._sequential = sequential
-    self._mesh_passes = list(mesh_passes)
+    self._passes = list(passes)
     self._update = update
     self.hits = hits
     self.seconds = seconds
@@ -90,18 +95,18 @@ class CompiledSplitStep:
   def programs(self) -> dict:
     """The compiled programs (``jax.stages.Compiled``) by name."""
     return {"prepare": self._prepare,
-            **{f"mesh {m}": c for m, c in enumerate(self._mesh_passes)},
+            **{f"pass {k}": c for k, c in enumerate(self._passes)},
             "update": self._update}
 
   def __call__(self, state: TrainState, data):
-    return _run(self._prepare, self._mesh_passes, self._update, self._sequential, state, data)
+    return _run(self._prepare, self._passes, self._update, self._sequential, state, data)
 
 
-def _run(prepare, mesh_passes, update, sequential: bool, state, data):
-  groups = prepare(state, data)
+def _run(prepare, passes, update, sequential: bool, state, data):
+  inputs = prepare(state, data)
   outputs, after = [], None
-  for mesh_pass, group in zip(mesh_passes, groups):
-    out = mesh_pass(state.params, group, after)
+  for one_pass, pass_inputs in zip(passes, inputs):
+    out = one_pass(state.params, pass_inputs, after)
     outputs.append(out)
     if sequential:
       after = out[0]
@@ -109,26 +114,28 @@ def _run(prepare, mesh_passes, update, sequential: bool, state, data):
 
 
 class SplitStep:
-  """One stage's train step as one program per mesh (see the module docstring).
+  """One stage's train step as one program per model pass (see the module docstring).
 
   Calling it jits each program on first use (one after another); use
   :meth:`compile` to compile them ahead, side by side, or through a step
   cache.
 
   Args:
-    stage, hierarchy, loss_fn, sample_fn, tx, max_pixels_per_chunk: as for
-      :func:`mgtrain.full_multiscale.make_stage_step` with
-      ``fuse_meshes=True``; ``loss_fn`` must return a per-sample ``(B,)``
-      loss.
-    sequential: each mesh pass (and each chunk inside one) waits for the
+    stage, hierarchy, loss_fn, sample_fn, tx, max_pixels_per_chunk,
+      fuse_meshes: as for :func:`mgtrain.full_multiscale.make_stage_step`
+      (with ``fuse_meshes`` ``loss_fn`` must return a per-sample ``(B,)``
+      loss).
+    sequential: each pass (and each chunk inside one) waits for the
       previous, so one pass's activations are alive at a time.
   """
 
   def __init__(self, stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
                sample_fn: Callable, tx: optax.GradientTransformation,
-               max_pixels_per_chunk: int | None = None, sequential: bool = False):
+               max_pixels_per_chunk: int | None = None, sequential: bool = False,
+               fuse_meshes: bool = False):
     self.stage = stage
     self.sequential = sequential
+    self.fuse_meshes = fuse_meshes
     num_terms = len(stage.levels)
     crops = hierarchy.subsample != "coarsen"
 
@@ -136,33 +143,40 @@ class SplitStep:
       keys, k_crop = step_keys(state.rng, state.step, num_terms)
       batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
       views = level_views(batches, hierarchy, stage.levels, k_crop if crops else None)
-      return mesh_groups(views)
+      return mesh_groups(views) if fuse_meshes else views
 
-    def mesh_pass(params, group, after):
-      if sequential and after is not None:
-        group = sequence_after(group, after)
-      return mesh_value_and_grad(loss_fn, params, group, num_terms, max_pixels_per_chunk,
-                                 sequential)
+    def one_pass(params, inputs, after):
+      if after is not None:
+        inputs = sequence_after(inputs, after)
+      if fuse_meshes:
+        return mesh_value_and_grad(loss_fn, params, inputs, num_terms, max_pixels_per_chunk,
+                                   sequential)
+      return term_value_and_grad(loss_fn, params, inputs, max_pixels_per_chunk, sequential)
 
     def update(state: TrainState, outputs):
+      if not fuse_meshes:   # as mge_value_and_grad stacks them
+        terms = jnp.stack([value for value, _ in outputs])
+        level_grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for _, g in outputs])
+        return apply_gradient(state, stage, tx, level_grads, terms)
       terms = jnp.zeros((num_terms,), jnp.float32)
       grad = None
-      for per_term, g in outputs:   # the one-program step's order of summation
+      for per_term, g in outputs:   # mge_value_and_grad_by_mesh's order of summation
         terms = terms + per_term
         grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
       return apply_gradient(state, stage, tx, grad, terms)
 
     self._prepare = jax.jit(prepare)
-    # One jit; each mesh's group shape traces and compiles its own program.
-    self._mesh_pass = jax.jit(mesh_pass)
+    # One jit; each pass's input shapes trace and compile their own program.
+    self._pass = jax.jit(one_pass)
     self._update = jax.jit(update, donate_argnums=0)
 
   @property
-  def num_meshes(self) -> int:
+  def num_passes(self) -> int:
+    """``L``: one pass per term of Eq. 6, or per mesh with ``fuse_meshes``."""
     return len(self.stage.levels)
 
   def __call__(self, state: TrainState, data):
-    return _run(self._prepare, [self._mesh_pass] * self.num_meshes, self._update,
+    return _run(self._prepare, [self._pass] * self.num_passes, self._update,
                 self.sequential, state, data)
 
   def compile(self, state, data, *, step_cache=None, key: str | None = None,
@@ -186,17 +200,17 @@ class SplitStep:
     if step_cache is not None and not key:
       raise ValueError("SplitStep.compile with a step_cache needs a key describing the step")
     if workers is None:
-      workers = min(self.num_meshes + 2, os.cpu_count() or 1)
+      workers = min(self.num_passes + 2, os.cpu_count() or 1)
     if workers < 1:
       raise ValueError(f"workers must be at least 1, got {workers}")
-    groups = jax.eval_shape(self._prepare, state, data)
-    per_term = jax.ShapeDtypeStruct((self.num_meshes,), jnp.float32)
+    inputs = jax.eval_shape(self._prepare, state, data)
     jobs = {"prepare": (self._prepare, (state, data))}
     outputs = []
-    for m, group in enumerate(groups):
-      args = (state.params, group, per_term if self.sequential and m > 0 else None)
-      jobs[f"mesh {m}"] = (self._mesh_pass, args)
-      outputs.append(jax.eval_shape(self._mesh_pass, *args))
+    for k, pass_inputs in enumerate(inputs):
+      after = outputs[-1][0] if self.sequential and k > 0 else None
+      args = (state.params, pass_inputs, after)
+      jobs[f"pass {k}"] = (self._pass, args)
+      outputs.append(jax.eval_shape(self._pass, *args))
     jobs["update"] = (self._update, (state, outputs))
     options = f"\ncompiler_options={sorted(compiler_options.items())}" if compiler_options else ""
     cache_keys = {name: f"{key}\nsplit step: {name}{options}" for name in jobs}
@@ -229,7 +243,7 @@ class SplitStep:
       compiled.update(zip(missing, pool.map(lambda n: timed(n, lambda: build(n)), missing)))
       t3 = time.perf_counter()
     return CompiledSplitStep(
-        compiled["prepare"], [compiled[f"mesh {m}"] for m in range(len(groups))],
+        compiled["prepare"], [compiled[f"pass {k}"] for k in range(len(inputs))],
         compiled["update"], self.sequential, hits=hits, seconds=seconds,
         lower_seconds=t2 - t1, compile_seconds=(t1 - t0) + (t3 - t2))
 

@@ -208,17 +208,18 @@ def test_first_step_runs_cold_then_warm_in_fresh_processes(tmp_path):
 
 
 def test_first_step_cold_run_alone(tmp_path):
-  """Also the step as one program per mesh (mgtrain.split_step) in a fresh process."""
-  out = benchmark.main(["--config", "smoke", "--sections", "first-step", "--mge", "per-mesh",
+  """Also the step as one program per pass (mgtrain.split_step) in a fresh process."""
+  out = benchmark.main(["--config", "smoke", "--sections", "first-step", "--mge", "by-mesh",
+                        "--split-step",
                         "--first-step-runs", "cold", "--init-platform", "cpu",
                         "--workdir", str(tmp_path)])
   (row,) = out["first_step"]
   assert "cold" in row and "warm" not in row and "warm_step_cache" not in row
-  assert row["cold"]["init_platform"] == "cpu" and row["cold"]["mge"] == "per-mesh"
+  assert row["cold"]["init_platform"] == "cpu" and row["cold"]["split_step"]
   assert row["cold"]["step_cache"] == "miss" and row["cold"]["phases"]["compile"] > 0
   assert row["cold"]["phases"]["trace_and_lower"] > 0
   md = (tmp_path / "benchmark.md").read_text()
-  assert "| resnet | 16 | per-mesh | cold |" in md and "warm" not in md.split("|---")[-1]
+  assert "| resnet | 16 | by-mesh split | cold |" in md and "warm" not in md.split("|---")[-1]
 
 
 def test_first_step_rejects_unknown_runs(tmp_path):

@@ -38,14 +38,14 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
   assert (tmp_path / "val_mse_vs_wu.png").exists()
 
 
-@pytest.mark.parametrize("mge", ["auto", "per-mesh"])
-def test_smoke_resume_after_stop(tmp_path, mge):
-  stopped = _run(tmp_path, "--strategy", "full-multiscale", "--stop-after", "3", "--mge", mge)
+@pytest.mark.parametrize("split", [[], ["--split-step"]])
+def test_smoke_resume_after_stop(tmp_path, split):
+  stopped = _run(tmp_path, "--strategy", "full-multiscale", "--stop-after", "3", *split)
   assert stopped == {}
   assert not (tmp_path / "results.json").exists()
-  results = _run(tmp_path, "--strategy", "full-multiscale", "--mge", mge)
+  results = _run(tmp_path, "--strategy", "full-multiscale", *split)
   r = results["full-multiscale"]
-  assert r["mge"] == ("terms" if mge == "auto" else mge)   # auto: terms on CPU
+  assert r["mge"] == "terms" and r["split_step"] == bool(split)   # --mge auto: terms on CPU
   assert r["resumed_from_step"] == 3
   assert r["steps"] == 6
   assert r["work_units"] == r["work_units_closed_form"]
@@ -89,10 +89,10 @@ def test_cpu4_config_has_the_papers_full_multiscale_saving():
 def test_level_parallel_flag_conflicts():
   with pytest.raises(SystemExit, match="cannot be combined"):
     denoise.main(["--config", "smoke", "--level-parallel", "--mge", "by-mesh"])
-  with pytest.raises(SystemExit, match="cannot be combined with --mge per-mesh"):
-    denoise.main(["--config", "smoke", "--level-parallel", "--mge", "per-mesh"])
-  with pytest.raises(SystemExit, match="per-mesh runs on one device"):
-    denoise.main(["--config", "smoke", "--mge", "per-mesh", "--devices", "2"])
+  with pytest.raises(SystemExit, match="--split-step or --distributed"):
+    denoise.main(["--config", "smoke", "--level-parallel", "--split-step"])
+  with pytest.raises(SystemExit, match="--split-step runs on one device"):
+    denoise.main(["--config", "smoke", "--split-step", "--devices", "2"])
 
 
 def test_bad_config_name():

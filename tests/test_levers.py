@@ -15,13 +15,13 @@ def test_smoke_levers_time_variants_and_report_bad_options(tmp_path):
   assert (tmp_path / "levers.json").exists()
 
 
-def test_smoke_levers_step_as_one_program_per_mesh(tmp_path):
-  (row,) = levers.main(["--config", "smoke", "--mge", "per-mesh", "--repeats", "1",
-                        "--workdir", str(tmp_path)])
-  assert row["split_meshes"] and row["fuse_meshes"] and row["mge"] == "per-mesh"
-  assert row["seconds_per_step"] > 0 and row["temp_bytes"] > 0
-  assert 0 < row["lower_seconds"] < row["compile_seconds"]
-  assert "| per-mesh |" in (tmp_path / "levers.md").read_text()
+def test_smoke_levers_step_as_one_program_per_pass(tmp_path):
+  one, split = levers.main(["--config", "smoke", "--mge", "terms", "--split-step", "off", "on",
+                            "--repeats", "1", "--workdir", str(tmp_path)])
+  assert not one["split_step"] and split["split_step"] and split["mge"] == "terms"
+  assert split["seconds_per_step"] > 0 and split["temp_bytes"] > 0
+  assert 0 < split["lower_seconds"] < split["compile_seconds"]
+  assert "| terms split |" in (tmp_path / "levers.md").read_text()
 
 
 def test_variants_are_timed_in_interleaved_rounds(monkeypatch):

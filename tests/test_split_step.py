@@ -16,7 +16,7 @@ from mgtrain.transform import multiscale
 SIZE = 16
 
 
-def _problem(levels=3, subsample="coarsen"):
+def _problem(levels=3, subsample="coarsen", fuse_meshes=True):
   model = TinyCNN()
   params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
   pool = smooth_images(jax.random.key(1), 32, SIZE)
@@ -31,7 +31,7 @@ def _problem(levels=3, subsample="coarsen"):
 
   h = Hierarchy(levels=levels, size=SIZE, base_batch=2, subsample=subsample)
   stage = fm.multiscale_schedule(h, 3)[0]
-  tx = multiscale(optax.adam(1e-2), levels, level_terms=False)
+  tx = multiscale(optax.adam(1e-2), levels, level_terms=not fuse_meshes)
 
   def state(seed=3):   # a new one each time: the split step donates its state
     return fm.fresh_state(params, seed=seed, tx=tx)
@@ -40,7 +40,7 @@ def _problem(levels=3, subsample="coarsen"):
 
 
 def _one_program_steps(stage, h, loss_fn, sample_fn, tx, state, pool, steps, **kw):
-  step = jax.jit(fm.make_stage_step(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True, **kw))
+  step = jax.jit(fm.make_stage_step(stage, h, loss_fn, sample_fn, tx, **kw))
   out = []
   for _ in range(steps):
     state, metrics = step(state, pool)
@@ -59,17 +59,21 @@ def _assert_same_steps(a, b, tol):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("subsample,sequential,chunk", [
-    ("coarsen", False, None), ("crop", True, 64), ("coarsen+crop", False, 64)])
-def test_split_step_matches_one_program(subsample, sequential, chunk):
-  """Three Adam steps: the same samples, losses and parameters (float rounding)."""
-  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(subsample=subsample)
+@pytest.mark.parametrize("fuse_meshes,subsample,sequential,chunk", [
+    (True, "coarsen", False, None), (True, "crop", True, 64), (True, "coarsen+crop", False, 64),
+    (False, "coarsen", True, None), (False, "coarsen+crop", False, 64)])
+def test_split_step_matches_one_program(fuse_meshes, subsample, sequential, chunk):
+  """Three Adam steps: the same samples, losses and parameters (float rounding),
+  by term (the per-level statistics too) and by mesh."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(subsample=subsample,
+                                                           fuse_meshes=fuse_meshes)
   reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 3,
-                                 sequential=sequential, max_pixels_per_chunk=chunk)
+                                 sequential=sequential, max_pixels_per_chunk=chunk,
+                                 fuse_meshes=fuse_meshes)
   split = SplitStep(stage, h, loss_fn, sample_fn, tx, max_pixels_per_chunk=chunk,
-                    sequential=sequential)
+                    sequential=sequential, fuse_meshes=fuse_meshes)
   compiled = split.compile(state(), pool)
-  assert set(compiled.hits) == {"prepare", "mesh 0", "mesh 1", "mesh 2", "update"}
+  assert set(compiled.hits) == {"prepare", "pass 0", "pass 1", "pass 2", "update"}
   assert not any(compiled.hits.values())
   out = []
   s = state()
@@ -77,6 +81,8 @@ def test_split_step_matches_one_program(subsample, sequential, chunk):
     s, metrics = compiled(s, pool)
     out.append(metrics)
   _assert_same_steps(reference, (s, out), 1e-5)
+  if not fuse_meshes:   # the transform's per-level statistics, from the stacked terms
+    np.testing.assert_allclose(s.opt_state.sq_norm, reference[0].opt_state.sq_norm, rtol=1e-4)
   # Called directly (jitted on first use), it gives the same numbers as compiled.
   s2 = state()
   out2 = []
@@ -90,7 +96,7 @@ def test_split_step_differs_when_it_should():
   """The comparison above can fail: another seed draws other samples."""
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem()
   reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 1)
-  s, metrics = SplitStep(stage, h, loss_fn, sample_fn, tx)(state(seed=4), pool)
+  s, metrics = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)(state(seed=4), pool)
   with pytest.raises(AssertionError):
     _assert_same_steps(reference, (s, [metrics]), 1e-5)
 
@@ -98,10 +104,10 @@ def test_split_step_differs_when_it_should():
 def test_split_step_through_step_cache(tmp_path):
   """Every program is stored, then loaded by a fresh cache, with the same result."""
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2)
-  split = SplitStep(stage, h, loss_fn, sample_fn, tx)
+  split = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)
   first = split.compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny", workers=1)
   assert not any(first.hits.values())
-  assert len(list(tmp_path.glob("*.step"))) == 4          # prepare, 2 meshes, update
+  assert len(list(tmp_path.glob("*.step"))) == 4          # prepare, 2 passes, update
   second = split.compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
   assert all(second.hits.values())
   a, metrics_a = first(state(), pool)
@@ -113,18 +119,19 @@ def test_split_step_through_step_cache(tmp_path):
 
 def test_split_step_errors(tmp_path):
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2)
-  split = SplitStep(stage, h, loss_fn, sample_fn, tx)
+  split = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)
   with pytest.raises(ValueError, match="needs a key"):
     split.compile(state(), pool, step_cache=StepCache(tmp_path))
   with pytest.raises(ValueError, match="workers must be at least 1"):
     split.compile(state(), pool, workers=0)
-  scalar = SplitStep(stage, h, lambda p, b: jnp.mean(loss_fn(p, b)), sample_fn, tx)
+  scalar = SplitStep(stage, h, lambda p, b: jnp.mean(loss_fn(p, b)), sample_fn, tx,
+                     fuse_meshes=True)
   with pytest.raises(ValueError, match=r"per-sample loss of shape \(B,\)"):
     scalar(state(), pool)
 
 
-def test_train_with_split_meshes_matches_one_program(tmp_path):
-  """A two-stage Full-Multiscale run, compiled ahead and through a step cache."""
+def test_train_with_split_step_matches_one_program(tmp_path):
+  """A three-stage Full-Multiscale run by mesh, compiled ahead and through a step cache."""
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem()
   params = state().params
   stages = fm.full_multiscale_schedule(h, (3, 2, 2))
@@ -132,7 +139,7 @@ def test_train_with_split_meshes_matches_one_program(tmp_path):
                 data=pool, make_optimizer=lambda n: optax.adam(1e-2), progress=False,
                 fuse_meshes=True)
   one, history_one = fm.train(**kwargs)
-  split, history_split = fm.train(split_meshes=True, compile_ahead=True,
+  split, history_split = fm.train(split_step=True, compile_ahead=True,
                                   step_cache=StepCache(tmp_path), step_cache_key="tiny", **kwargs)
   np.testing.assert_allclose(history_one["loss"], history_split["loss"], rtol=1e-5, atol=1e-6)
   for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(split.params)):
@@ -140,5 +147,5 @@ def test_train_with_split_meshes_matches_one_program(tmp_path):
   # The fresh state, then 3 stages of 1, 2 and 3 meshes, each with a prepare
   # and an update program.
   assert len(list(tmp_path.glob("*.step"))) == 1 + 3 + 4 + 5
-  with pytest.raises(ValueError, match="split_meshes needs fuse_meshes"):
-    fm.train(**{**kwargs, "fuse_meshes": False}, split_meshes=True)
+  with pytest.raises(ValueError, match="split_step runs on one device"):
+    fm.train(**kwargs, split_step=True, mesh=jax.make_mesh((1,), ("data",)))
