@@ -79,8 +79,8 @@ import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    add_conv_algorithm_argument, add_sequential_argument, add_split_step_argument, \
-    compute_dtype, make_loss_fn, model_conv, resolve_sequential, sample_denoise_batch
+    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, \
+    model_conv, resolve_sequential, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -1007,7 +1007,11 @@ def parse_args(argv=None):
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
-  add_split_step_argument(p)
+  p.add_argument("--split-step", action="store_true",
+                 help="steps and first-step: each MGE step as one program per model pass "
+                      "(mgtrain.split_step; experiments.denoise does this by default on "
+                      "CPU). Off here, so that the tables time the one-program step unless "
+                      "asked")
   add_sequential_argument(p)
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "

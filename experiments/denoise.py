@@ -196,17 +196,6 @@ def add_sequential_argument(parser) -> None:
            "auto: on on CPU, off elsewhere (on an H200 it ran 1.02-1.03x the time)")
 
 
-def add_split_step_argument(parser) -> None:
-  """``--split-step``, shared by the CLIs that build train steps."""
-  parser.add_argument(
-      "--split-step", action="store_true",
-      help="compile each MGE step as one program per model pass (per term, or per mesh "
-           "with --mge by-mesh) plus sampling and update (mgtrain.split_step): the same "
-           "updates, a shorter compile and a several times faster load from the step "
-           "cache (the UNet at 64^2 on a 2-core CPU: 11-12 s -> 3.5-3.8 s before the "
-           "first step), at the same step time there. One device only")
-
-
 def resolve_sequential(choice: str) -> bool:
   """``--sequential auto|on|off``: auto is on for the CPU backend only.
 
@@ -227,6 +216,24 @@ def resolve_compile_ahead(choice: str) -> bool:
   ``cpu4`` Full-Multiscale run took 2-8% longer with it (docs/benchmark_cpu.md).
   """
   return _resolve_auto("compile-ahead", choice, auto=jax.default_backend() != "cpu")
+
+
+def resolve_split_step(choice: str, one_device: bool = True) -> bool:
+  """``--split-step auto|on|off``: auto is on for the CPU backend on one device.
+
+  One program per model pass (:mod:`mgtrain.split_step`) gives the same
+  updates. On the 2-core CPU (2026-12-05) it cut the ``cpu`` config's run
+  from 230.5 to 200.9 s (Multiscale 52.0 -> 39.7 s, Full-Multiscale
+  53.7 -> 45.5 s, compiles included; the same validation MSEs), made the
+  ResNet's MGE step by term 0.83-0.86x the time at 64^2 and 128^2 (by mesh
+  0.94-1.07x), and a warm start of the UNet's MGE step 18-19 s -> 4.4-4.8 s
+  (by term) and 11-12 s -> 3.5-3.8 s (by mesh). It has not run on a GPU,
+  where one program per step is what beats the PyTorch reference, so auto
+  leaves it off there. It needs one device (not ``--devices``,
+  ``--distributed`` or ``--level-parallel``).
+  """
+  return _resolve_auto("split-step", choice,
+                       auto=jax.default_backend() == "cpu" and one_device)
 
 
 def _resolve_auto(flag: str, choice: str, auto: bool) -> bool:
@@ -514,7 +521,13 @@ def parse_args(argv=None):
                       "term; keeps the per-level variance statistics) or 'by-mesh' "
                       "(one pass per mesh, same estimate; 1.1-1.75x faster on an H100). "
                       "auto: by-mesh on a GPU, terms on CPU")
-  add_split_step_argument(p)
+  p.add_argument("--split-step", choices=AUTO_CHOICES, default="auto",
+                 help="compile each step as one program per model pass (per MGE term, or "
+                      "per mesh with --mge by-mesh) plus sampling and update "
+                      "(mgtrain.split_step): the same updates, shorter compiles and several "
+                      "times faster loads from the step cache; on a 2-core CPU the cpu "
+                      "config ran 1.15x faster. auto: on on CPU with one device, off "
+                      "elsewhere (not yet measured on a GPU)")
   p.add_argument("--devices", type=int, default=None,
                  help="data parallelism over this many devices (0 = all; default 1, "
                       "or all with --level-parallel); every level's batch must divide "
@@ -544,12 +557,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if args.level_parallel and (args.mge == "by-mesh" or args.distributed or args.split_step):
+  one_device = not (args.level_parallel or args.distributed
+                    or args.devices not in (None, 1))
+  split_step = resolve_split_step(args.split_step, one_device)
+  if args.level_parallel and (args.mge == "by-mesh" or args.distributed):
     raise SystemExit("--level-parallel runs the MGE terms separately: it cannot be "
-                     "combined with --mge by-mesh, --split-step or --distributed")
-  if args.split_step and (args.distributed or args.devices not in (None, 1)):
-    raise SystemExit("--split-step runs on one device: it cannot be combined with "
-                     "--devices or --distributed")
+                     "combined with --mge by-mesh or --distributed")
+  if split_step and not one_device:
+    raise SystemExit("--split-step on runs on one device: it cannot be combined with "
+                     "--devices, --distributed or --level-parallel")
   if args.distributed:
     info = parallel.initialize_distributed(args.coordinator, args.num_processes,
                                            args.process_id)
@@ -619,7 +635,7 @@ def main(argv=None) -> dict:
                      fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
                      step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
                      compile_ahead=resolve_compile_ahead(args.compile_ahead),
-                     conv_algorithm=args.conv_algorithm, split_step=args.split_step)
+                     conv_algorithm=args.conv_algorithm, split_step=split_step)
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

@@ -25,6 +25,7 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
     assert r["work_units"] == r["work_units_closed_form"]
     assert r["sequential_passes"] is True   # --sequential auto, on CPU
     assert r["compile_ahead"] is False      # --compile-ahead auto, on CPU
+    assert r["split_step"] is True          # --split-step auto, on CPU
     assert all(st["background_compile_seconds"] == 0.0 for st in r["stages"])
     assert r["params"] == 597_699
     assert set(r["metrics"]) == {"mse", "psnr"}
@@ -38,14 +39,15 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
   assert (tmp_path / "val_mse_vs_wu.png").exists()
 
 
-@pytest.mark.parametrize("split", [[], ["--split-step"]])
+@pytest.mark.parametrize("split", [[], ["--split-step", "off"]])
 def test_smoke_resume_after_stop(tmp_path, split):
   stopped = _run(tmp_path, "--strategy", "full-multiscale", "--stop-after", "3", *split)
   assert stopped == {}
   assert not (tmp_path / "results.json").exists()
   results = _run(tmp_path, "--strategy", "full-multiscale", *split)
   r = results["full-multiscale"]
-  assert r["mge"] == "terms" and r["split_step"] == bool(split)   # --mge auto: terms on CPU
+  # On CPU --mge auto is terms and --split-step auto is on.
+  assert r["mge"] == "terms" and r["split_step"] == (not split)
   assert r["resumed_from_step"] == 3
   assert r["steps"] == 6
   assert r["work_units"] == r["work_units_closed_form"]
@@ -89,10 +91,10 @@ def test_cpu4_config_has_the_papers_full_multiscale_saving():
 def test_level_parallel_flag_conflicts():
   with pytest.raises(SystemExit, match="cannot be combined"):
     denoise.main(["--config", "smoke", "--level-parallel", "--mge", "by-mesh"])
-  with pytest.raises(SystemExit, match="--split-step or --distributed"):
-    denoise.main(["--config", "smoke", "--level-parallel", "--split-step"])
-  with pytest.raises(SystemExit, match="--split-step runs on one device"):
-    denoise.main(["--config", "smoke", "--split-step", "--devices", "2"])
+  with pytest.raises(SystemExit, match="--split-step on runs on one device"):
+    denoise.main(["--config", "smoke", "--level-parallel", "--split-step", "on"])
+  with pytest.raises(SystemExit, match="--split-step on runs on one device"):
+    denoise.main(["--config", "smoke", "--split-step", "on", "--devices", "2"])
 
 
 def test_bad_config_name():
@@ -104,6 +106,7 @@ def test_bad_config_name():
 @pytest.mark.parametrize("resolve, flag, auto_on_cpu", [
     (denoise.resolve_sequential, "sequential", True),
     (denoise.resolve_compile_ahead, "compile-ahead", False),
+    (denoise.resolve_split_step, "split-step", True),
 ])
 def test_auto_on_off_choices(resolve, flag, auto_on_cpu):
   assert resolve("on") is True
