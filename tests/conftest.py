@@ -59,6 +59,23 @@ def smooth_images(key, n, size, channels=1):
   return out
 
 
+def tiny_denoising_problem(size=16, levels=2, base_batch=1, subsample="coarsen"):
+  """``(hierarchy, params, pool, sample_fn, loss_fn)``: TinyCNN denoising
+  smooth images, with a per-sample loss, for train-step tests."""
+  from mgtrain.hierarchy import Hierarchy   # pylint: disable=g-import-not-at-top
+  model = TinyCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 1)))
+  pool = smooth_images(jax.random.key(1), 32, size)
+
+  def sample_fn(data, key, n):
+    k1, k2 = jax.random.split(key)
+    y = data[jax.random.randint(k1, (n,), 0, data.shape[0])]
+    return {"x": y + 0.2 * jax.random.normal(k2, y.shape), "y": y}
+
+  h = Hierarchy(levels=levels, size=size, base_batch=base_batch, subsample=subsample)
+  return h, params, pool, sample_fn, mse_loss_fn(model)
+
+
 @pytest.fixture
 def tiny_model():
   model = TinyCNN()

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import TinyCNN, smooth_images
+from conftest import tiny_denoising_problem
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.checkpoint import Checkpointer
@@ -14,20 +14,7 @@ SIZE = 16
 
 
 def _setup(levels=2, base_batch=1):
-  model = TinyCNN()
-  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
-  pool = smooth_images(jax.random.key(1), 32, SIZE)
-
-  def sample_fn(data, key, n):
-    k1, k2 = jax.random.split(key)
-    y = data[jax.random.randint(k1, (n,), 0, data.shape[0])]
-    return {"x": y + 0.2 * jax.random.normal(k2, y.shape), "y": y}
-
-  def loss_fn(p, batch):
-    return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2, axis=(1, 2, 3))
-
-  h = Hierarchy(levels=levels, size=SIZE, base_batch=base_batch)
-  return h, params, pool, sample_fn, loss_fn
+  return tiny_denoising_problem(SIZE, levels, base_batch)
 
 
 def _train(stages, h, params, pool, sample_fn, loss_fn, **kw):

@@ -6,9 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import TinyCNN, smooth_images
+from conftest import tiny_denoising_problem
 from mgtrain import full_multiscale as fm
-from mgtrain.hierarchy import Hierarchy
 from mgtrain.split_step import SplitStep
 from mgtrain.step_cache import StepCache
 from mgtrain.transform import multiscale
@@ -17,19 +16,7 @@ SIZE = 16
 
 
 def _problem(levels=3, subsample="coarsen", fuse_meshes=True):
-  model = TinyCNN()
-  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
-  pool = smooth_images(jax.random.key(1), 32, SIZE)
-
-  def sample_fn(data, key, n):
-    k1, k2 = jax.random.split(key)
-    y = data[jax.random.randint(k1, (n,), 0, data.shape[0])]
-    return {"x": y + 0.2 * jax.random.normal(k2, y.shape), "y": y}
-
-  def loss_fn(p, batch):
-    return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2, axis=(1, 2, 3))
-
-  h = Hierarchy(levels=levels, size=SIZE, base_batch=2, subsample=subsample)
+  h, params, pool, sample_fn, loss_fn = tiny_denoising_problem(SIZE, levels, 2, subsample)
   stage = fm.multiscale_schedule(h, 3)[0]
   tx = multiscale(optax.adam(1e-2), levels, level_terms=not fuse_meshes)
 
