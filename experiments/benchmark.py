@@ -406,8 +406,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
 
 
 def _mge_key(levels: int, mode: str, split_step: bool = False) -> str:
-  return f"mge{levels}" + ("_by_mesh" if mode == "by-mesh" else "") + ("_split" if split_step
-                                                                         else "")
+  by_mesh = "_by_mesh" if mode == "by-mesh" else ""
+  return f"mge{levels}{by_mesh}" + ("_split" if split_step else "")
 
 
 BENCH_LAYERS = ("conv3x3", "mfc", "conv3x3-winograd")

@@ -246,9 +246,9 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
 def step_keys(rng: jax.Array, step, levels: int) -> tuple[jax.Array, jax.Array]:
   """``(per-level sampling keys (levels,), crop key)`` of train step ``step``.
 
-  Every form of a stage's step (one program, one program per mesh, levels
-  on device groups) derives its randomness here, so they draw the same
-  samples.
+  Every form of a stage's step (one program, one program per model pass,
+  levels on device groups) derives its randomness here, so they draw the
+  same samples.
   """
   k_data, k_crop = jax.random.split(jax.random.fold_in(rng, step))
   return jax.random.split(k_data, levels), k_crop
@@ -551,5 +551,6 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 __all__ = [
     "Stage", "TrainState", "STRATEGIES", "single_scale_schedule", "multiscale_schedule",
     "full_multiscale_schedule", "make_schedule", "schedule_work_units", "train",
-    "make_stage_step", "step_keys", "apply_gradient", "stage_boundaries", "locate", "init_state", "carry_inner_state",
+    "make_stage_step", "step_keys", "apply_gradient", "stage_boundaries", "locate",
+    "init_state", "carry_inner_state",
 ]
