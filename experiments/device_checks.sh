@@ -32,10 +32,12 @@
 #   initialiser is mostly random-number kernels), then the initialiser run on
 #   the host CPU (--init-platform cpu; on CPU its parameters' sha256 begins
 #   6337712d510a). Each run prints the initial parameters' sha256, to show
-#   whether a flag changed them. Then the step time of one program per mesh
-#   against one program, and under autotune level 1 against the default (one process, interleaved rounds), a cold compile
-#   under --xla_gpu_force_compilation_parallelism=16, and bfloat16 compute for
-#   the ResNet at 256^2, which part 2 did not reach.
+#   whether a flag changed them. The split step's step time against one
+#   program comes right after its first-step runs (it decides whether the
+#   split step could be the GPU's default too); later, the step time under
+#   autotune level 1 against the default (one process, interleaved rounds),
+#   a cold compile under --xla_gpu_force_compilation_parallelism=16, and
+#   bfloat16 compute for the ResNet at 256^2, which part 2 did not reach.
 # Part 4: where the GPU's time goes (python -m experiments.profile_step, ms
 #   per HLO instruction): the ResNet's MGE step by mesh and its single b16
 #   step at 64^2 (the MGE step is latency-bound there: 3.50x against the
@@ -172,13 +174,13 @@ elif [ "$part" = 3 ]; then
   section first_step_cold_default 17 benchmark.md "${cold[@]}"
   section first_step_split 25 benchmark.md "${bench[@]}" --sections first-step \
     --mge by-mesh --split-step
+  section levers_split 30 levers.md "${levers[@]}" "${unet_lever[@]}" \
+    --mge by-mesh --split-step off on "${repeats[@]}"
   section first_step_cold_autotune1 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
   section first_step_cold_threefry_kernel 17 benchmark.md \
     env JAX_THREEFRY_GPU_KERNEL_LOWERING=true "${cold[@]}"
   section first_step_cold_init_on_cpu 17 benchmark.md "${cold[@]}" --init-platform cpu
-  section levers_split 40 levers.md "${levers[@]}" "${unet_lever[@]}" \
-    --mge by-mesh --split-step off on "${repeats[@]}"
   section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
     --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
   section first_step_cold_parallel16 100 benchmark.md \
