@@ -277,17 +277,27 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   return {**info, "seconds_per_step": median, "samples": times}
 
 
-def _time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
+def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, list[float]]:
   """Seconds of each of ``steps`` (name -> callable), timed in ``repeats``
   rounds that each call every step once, in order.
 
   A slow drift of the machine's speed (other tenants, thermal or frequency
   changes) then falls on all steps alike instead of on whichever was timed
   last, and round ``r``'s times form a pair for a per-round ratio.
+
+  ``settle`` untimed calls precede each timed one. On the 2-core CPU VM the
+  first call of a big program after another program ran is slower
+  (2026-12-05, the UNet at 64^2: single b240 15.5 s interleaved against
+  12.7 s alone, the MGE step 2.23 against 2.07 s), which a training loop,
+  calling one step over and over, does not pay.
   """
+  if settle < 0:
+    raise ValueError(f"settle must be >= 0, got {settle}")
   times = {name: [] for name in steps}
   for _ in range(repeats):
     for name, step in steps.items():
+      for _ in range(settle):
+        jax.block_until_ready(step())
       times[name].append(_seconds(step))
   return times
 
@@ -318,7 +328,7 @@ def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> in
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
                 accumulate_same: int = 0, sequential: bool = False,
-                split_step: bool = False) -> list[dict]:
+                split_step: bool = False, settle: int = 0) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
   statistics kept) and/or ``by-mesh`` (one pass per mesh); with
   ``split_step`` each as one program per pass. ``same_samples=False``
@@ -382,7 +392,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
                  f"temp {row[key]['temp_bytes']} B")
       progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
                f"{', '.join(steps)}")
-      for key, times in _time_interleaved(steps, config.repeats).items():
+      for key, times in _time_interleaved(steps, config.repeats, settle).items():
         row[key].update(seconds_per_step=statistics.median(times), samples=times)
         progress(f"    {key}: {row[key]['seconds_per_step'] * 1e3:.2f} ms/step")
       del steps   # frees the compiled steps and their states before the next size
@@ -1007,6 +1017,11 @@ def parse_args(argv=None):
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
+  p.add_argument("--settle", type=int, default=1,
+                 help="steps: untimed calls before each timed call of every round; on "
+                      "the 2-core CPU a big step's first call after another program is "
+                      "slower than in a training loop (default 1 since 2026-12-05; the "
+                      "CPU tables before that date were timed with 0)")
   p.add_argument("--split-step", action="store_true",
                  help="steps and first-step: each MGE step as one program per model pass "
                       "(mgtrain.split_step; experiments.denoise does this by default on "
@@ -1121,7 +1136,8 @@ def main(argv=None) -> dict:
                           progress, on_row=lambda new: save(done + new),
                           same_samples=not args.skip_same_samples,
                           accumulate_same=args.same_samples_accumulate,
-                          sequential=sequential, split_step=args.split_step)
+                          sequential=sequential, split_step=args.split_step,
+                          settle=args.settle)
       if bracket and "skipped" in before:
         torch_skipped = before
       elif bracket:

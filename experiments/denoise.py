@@ -224,10 +224,11 @@ def resolve_split_step(choice: str, one_device: bool = True) -> bool:
   One program per model pass (:mod:`mgtrain.split_step`) gives the same
   updates. On the 2-core CPU (2026-12-05) it cut the ``cpu`` config's run
   from 230.5 to 200.9 s (Multiscale 52.0 -> 39.7 s, Full-Multiscale
-  53.7 -> 45.5 s, compiles included; the same validation MSEs), made the
-  ResNet's MGE step by term 0.83-0.86x the time at 64^2 and 128^2 (by mesh
-  0.94-1.07x), and a warm start of the UNet's MGE step 18-19 s -> 4.4-4.8 s
-  (by term) and 11-12 s -> 3.5-3.8 s (by mesh). It has not run on a GPU,
+  53.7 -> 45.5 s, compiles included; the same validation MSEs; the MGE
+  steps' train time 34.6 -> 27.9 s), left the UNet's MGE step at 64^2 as
+  fast as one program (2.03 against 2.08 s by term, each alone), and a
+  warm start of that step 18-19 s -> 4.4-4.8 s (by term) and
+  11-12 s -> 3.5-3.8 s (by mesh). It has not run on a GPU,
   where one program per step is what beats the PyTorch reference, so auto
   leaves it off there. It needs one device (not ``--devices``,
   ``--distributed`` or ``--level-parallel``).

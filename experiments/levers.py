@@ -87,7 +87,7 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
 
 
 def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
-                     repeats: int) -> list[dict]:
+                     repeats: int, settle: int = 0) -> list[dict]:
   """Times ``steps`` in ``repeats`` interleaved rounds; adds to each row its
   ``seconds_per_step`` (median), ``samples`` and ``ratio_to_first``.
 
@@ -95,7 +95,7 @@ def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
   ``steps[0]``'s time in the same round, so a drift of the machine's speed
   during the run cancels out of it.
   """
-  times = _time_interleaved(dict(enumerate(steps)), repeats)
+  times = _time_interleaved(dict(enumerate(steps)), repeats, settle)
   for i, row in enumerate(rows):
     row.update(seconds_per_step=statistics.median(times[i]), samples=times[i],
                ratio_to_first=statistics.median(t / f for t, f in zip(times[i], times[0])))
@@ -151,6 +151,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--settle", type=int, default=1,
+                 help="untimed calls before each timed call (see experiments.benchmark "
+                      "--settle; default 1 since 2026-12-05, 0 before)")
   p.add_argument("--workdir", default="runs/levers")
   args = p.parse_args(argv)
   smoke = args.config == "smoke"
@@ -190,7 +193,7 @@ def main(argv=None) -> list[dict]:
     if steps:
       print(f"timing {len(steps)} variant(s) at {size}^2 in {args.repeats} interleaved "
             "round(s) ...", flush=True)
-      time_interleaved(timed_rows, steps, args.repeats)
+      time_interleaved(timed_rows, steps, args.repeats, args.settle)
       for row in timed_rows:
         print(f"{row['label']}: {row['seconds_per_step'] * 1e3:.2f} ms/step, "
               f"{row['ratio_to_first']:.3f}x the first variant", flush=True)

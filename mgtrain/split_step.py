@@ -32,9 +32,9 @@ before the first step 84.6 s cold as one program, 70.2 s split (compile
 64.6 -> 56.2 s, trace and lower 9.2 -> 2.8 s); from
 :class:`mgtrain.step_cache.StepCache` 11.0 / 11.9 s as one program (loading
 its 21 MB executable: 8.9 / 9.8 s) and 3.5 / 3.8 s split (the programs
-loaded side by side: 1.56 / 1.55 s). Steps took the same time (1.90 against
-1.87 s, median of per-round ratios 1.013, 10 interleaved rounds of
-``python -m experiments.levers``). Their programs also compile side by side
+loaded side by side: 1.56 / 1.55 s). Steps took the same time (by mesh
+1.90 against 1.87 s, 10 interleaved rounds of ``python -m
+experiments.levers``; by term, each alone, 2.08 against 2.03 s). Their programs also compile side by side
 (:meth:`SplitStep.compile`, ``workers``), which pays on a machine with idle
 cores; on this 2-core CPU one XLA compile already keeps 1.6 cores busy.
 

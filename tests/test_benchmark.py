@@ -51,6 +51,19 @@ def test_steps_are_timed_in_interleaved_rounds():
   assert all(t >= 0 for v in times.values() for t in v)
 
 
+def test_settle_calls_come_before_each_timed_call(monkeypatch):
+  """With settle=1 each round calls a step twice and times only the second call."""
+  calls = []
+  clock = iter([0.0, 1.0, 5.0, 7.0])   # a's timed call 1 s, b's 2 s
+  monkeypatch.setattr("experiments.benchmark.time.perf_counter", lambda: next(clock))
+  times = benchmark._time_interleaved({"a": lambda: calls.append("a"),
+                                       "b": lambda: calls.append("b")}, 1, settle=1)
+  assert calls == ["a", "a", "b", "b"]
+  assert times == {"a": [1.0], "b": [2.0]}
+  with pytest.raises(ValueError, match="settle must be >= 0"):
+    benchmark._time_interleaved({"a": lambda: None}, 1, settle=-1)
+
+
 def test_torch_runs_before_and_after_are_averaged_per_size():
   before = [{"res": 64, "single_b16": 1.0, "mge4": 2.0, "single_b240": 10.0},
             {"res": 128, "single_b16": 4.0, "mge4": 9.0, "errors": {"single_b240": "killed"}}]
