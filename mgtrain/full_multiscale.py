@@ -258,8 +258,9 @@ def apply_gradient(state: TrainState, stage: Stage, tx: optax.GradientTransforma
                    level_grads, terms: jax.Array):
   """The end of a train step: ``tx``'s update, the step and #WU counters.
 
-  ``level_grads`` is what ``tx`` expects (stacked per level, or already
-  summed for ``level_terms=False``); ``terms`` the ``(L,)`` loss terms,
+  ``level_grads`` is what ``tx`` expects (stacked per level or a list of
+  per-level terms, which :func:`mgtrain.transform.multiscale` stacks, or
+  already summed for ``level_terms=False``); ``terms`` the ``(L,)`` loss terms,
   whose sum is the step's ``loss``. Returns ``(state, metrics)`` as
   :func:`make_stage_step`'s step does.
   """

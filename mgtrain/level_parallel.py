@@ -154,8 +154,8 @@ class LevelParallelStep:
       self._terms.append(jax.jit(term))
 
     def update(state: TrainState, values, grads):
-      level_grads = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-      return apply_gradient(state, stage, tx, level_grads, jnp.stack(values))
+      # The multiscale transform stacks the list of level terms itself.
+      return apply_gradient(state, stage, tx, list(grads), jnp.stack(values))
 
     self._update = jax.jit(update, donate_argnums=0)
 

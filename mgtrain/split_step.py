@@ -154,10 +154,9 @@ class SplitStep:
       return term_value_and_grad(loss_fn, params, inputs, max_pixels_per_chunk, sequential)
 
     def update(state: TrainState, outputs):
-      if not fuse_meshes:   # as mge_value_and_grad stacks them
+      if not fuse_meshes:   # the multiscale transform stacks a list of level terms
         terms = jnp.stack([value for value, _ in outputs])
-        level_grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for _, g in outputs])
-        return apply_gradient(state, stage, tx, level_grads, terms)
+        return apply_gradient(state, stage, tx, [g for _, g in outputs], terms)
       terms = jnp.zeros((num_terms,), jnp.float32)
       grad = None
       for per_term, g in outputs:   # mge_value_and_grad_by_mesh's order of summation
