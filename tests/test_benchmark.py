@@ -18,6 +18,11 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert row["mge2_by_mesh"]["work_units_per_step"] == pytest.approx(1.75)
   assert row["wu_ratio"] == pytest.approx(3 / 1.75)
   assert row["fastest_mge"] == "mge2_by_mesh"
+  # Each step's #WU in base steps: 1.75 and 3 of the batch-1 step's 1.
+  costs = row["in_base_steps"]
+  assert costs["mge2_by_mesh"]["work_units"] == pytest.approx(1.75)
+  assert costs["single_b3"]["work_units"] == pytest.approx(3)
+  assert "in base steps" in (tmp_path / "benchmark.md").read_text()
   keys = ("single_b1", "mge2_by_mesh", "single_b3")
   assert all(row[k]["seconds_per_step"] > 0 and row[k]["temp_bytes"] > 0 for k in keys)
   (mfc,) = saved["mfc"]
@@ -34,6 +39,15 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   # --sequential auto: model passes one after another on CPU, said in both files.
   assert saved["sequential_passes"] is True and all(row[k]["sequential"] for k in keys)
   assert "one after another" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_in_base_steps_is_the_median_quotient_per_round():
+  base = {"samples": [1.0, 2.0, 1.0], "work_units_per_step": 16}
+  mge = {"samples": [2.5, 4.4, 2.2], "work_units_per_step": 37}
+  (cost,) = benchmark.in_base_steps(base, {"mge": mge}).values()
+  # Quotients 2.5, 2.2 and 2.2 per round: the slow second round cancels out.
+  assert cost["seconds"] == pytest.approx(2.2)
+  assert cost["work_units"] == pytest.approx(37 / 16)
 
 
 def test_steps_are_timed_in_interleaved_rounds():
