@@ -285,11 +285,12 @@ def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, l
   changes) then falls on all steps alike instead of on whichever was timed
   last, and round ``r``'s times form a pair for a per-round ratio.
 
-  ``settle`` untimed calls precede each timed one. On the 2-core CPU VM the
-  first call of a big program after another program ran is slower
+  ``settle`` untimed calls precede each timed one, as in a training loop,
+  which calls one step over and over. On the 2-core CPU VM one run each
+  suggested that a big program's first call after another program is slower
   (2026-12-05, the UNet at 64^2: single b240 15.5 s interleaved against
-  12.7 s alone, the MGE step 2.23 against 2.07 s), which a training loop,
-  calling one step over and over, does not pay.
+  12.7 s alone); a later probe, four processes timing blocks and
+  interleaved rounds, found no consistent direction (docs/benchmark_cpu.md).
   """
   if settle < 0:
     raise ValueError(f"settle must be >= 0, got {settle}")
@@ -1044,10 +1045,9 @@ def parse_args(argv=None):
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
   p.add_argument("--settle", type=int, default=1,
-                 help="steps: untimed calls before each timed call of every round; on "
-                      "the 2-core CPU a big step's first call after another program is "
-                      "slower than in a training loop (default 1 since 2026-12-05; the "
-                      "CPU tables before that date were timed with 0)")
+                 help="steps: untimed calls before each timed call of every round, as "
+                      "in a training loop (default 1 since 2026-12-05; the CPU tables "
+                      "before that date were timed with 0)")
   p.add_argument("--split-step", action="store_true",
                  help="steps and first-step: each MGE step as one program per model pass "
                       "(mgtrain.split_step; experiments.denoise does this by default on "
