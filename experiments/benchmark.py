@@ -425,11 +425,12 @@ def in_base_steps(base: dict, steps: dict[str, dict]) -> dict[str, dict]:
   step's time in the same round; ``work_units`` is the same quotient of
   #WU, the closed form (4 levels, batches 16..128: MGE 2.31, single b240
   15). A step whose ``seconds`` sits above its ``work_units`` costs more
-  per unit of work than the base step: the speed ratio falls short of the
-  #WU ratio by exactly the quotient of the two steps' excesses. On a
-  compute-bound CPU every model pass costs about the same per pixel, and
-  the MGE step adds its coarse passes' fixed costs to its share, so its
-  speed ratio lands at or just under the #WU ratio.
+  per unit of work than the base step. The speed ratio is the #WU ratio
+  times single-same's ``seconds / work_units`` over the MGE step's, up to
+  how the medians are taken. On a compute-bound CPU every model pass costs
+  about the same per pixel, so both quotients sit near 1 and the speed
+  ratio near the #WU ratio (2026-12-05: MGE 2.02-2.36 b16 steps, b240
+  14.2-15.9; docs/benchmark_cpu.md).
   """
   return {k: {"seconds": statistics.median(a / b for a, b in zip(s["samples"],
                                                                  base["samples"])),
