@@ -432,10 +432,16 @@ def in_base_steps(base: dict, steps: dict[str, dict]) -> dict[str, dict]:
   ratio near the #WU ratio (2026-12-05: MGE 2.02-2.36 b16 steps, b240
   14.2-15.9; docs/benchmark_cpu.md).
   """
-  return {k: {"seconds": statistics.median(a / b for a, b in zip(s["samples"],
-                                                                 base["samples"])),
+  return {k: {"seconds": median_ratio_per_round(s["samples"], base["samples"]),
               "work_units": s["work_units_per_step"] / base["work_units_per_step"]}
           for k, s in steps.items()}
+
+
+def median_ratio_per_round(times: list[float], reference: list[float]) -> float:
+  """The median over rounds of ``times[r] / reference[r]``: a ratio of two
+  steps timed in the same interleaved rounds, from which a drift of the
+  machine's speed between rounds cancels out."""
+  return statistics.median(t / r for t, r in zip(times, reference))
 
 
 def _mge_key(levels: int, mode: str, split_step: bool = False) -> str:

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
-    _time_interleaved
+    _time_interleaved, median_ratio_per_round
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
@@ -98,7 +98,7 @@ def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
   times = _time_interleaved(dict(enumerate(steps)), repeats, settle)
   for i, row in enumerate(rows):
     row.update(seconds_per_step=statistics.median(times[i]), samples=times[i],
-               ratio_to_first=statistics.median(t / f for t, f in zip(times[i], times[0])))
+               ratio_to_first=median_ratio_per_round(times[i], times[0]))
   return rows
 
 
