@@ -35,8 +35,9 @@ its 21 MB executable: 8.9 / 9.8 s) and 3.5 / 3.8 s split (the programs
 loaded side by side: 1.56 / 1.55 s). Steps took the same time (by mesh
 1.90 against 1.87 s, 10 interleaved rounds of ``python -m
 experiments.levers``; by term, each alone, 2.08 against 2.03 s). Their
-programs also compile side by side (:meth:`SplitStep.compile`, ``workers``), which pays on a machine with idle
-cores; on this 2-core CPU one XLA compile already keeps 1.6 cores busy.
+programs also compile side by side (:meth:`SplitStep.compile`,
+``workers``), which pays on a machine with idle cores; on this 2-core CPU
+one XLA compile already keeps 1.6 cores busy.
 
 With ``sequential`` pass ``k+1``'s inputs depend on pass ``k``'s output
 (:func:`mgtrain.mge.sequence_after`), so it starts only once pass ``k``'s
