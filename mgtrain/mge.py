@@ -374,16 +374,35 @@ def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
   """
   views = level_views(batches, hierarchy, levels, key, input_level)
   num_terms = len(views)
-  terms = jnp.zeros((num_terms,), jnp.float32)
-  grad = None
+  total = None
   for group in mesh_groups(views):
-    if sequential and grad is not None:
-      group = sequence_after(group, grad)
-    per_term, g = mesh_value_and_grad(loss_fn, params, group, num_terms, max_pixels_per_chunk,
-                                      sequential)
-    terms = terms + per_term
-    grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
+    if sequential and total is not None:
+      group = sequence_after(group, total[1])
+    total = add_mesh_pass(total, mesh_value_and_grad(loss_fn, params, group, num_terms,
+                                                     max_pixels_per_chunk, sequential))
+  terms, grad = total
   return jnp.sum(terms), grad, terms
+
+
+def add_mesh_pass(total, mesh_pass):
+  """Adds one mesh's ``(per_term, grad)`` to the running ``(terms, grad)``.
+
+  ``total`` is ``None`` before the first mesh. Eq. 6's terms and gradient
+  are the sums over the meshes, finest first; every caller that splits
+  :func:`mge_value_and_grad_by_mesh` into passes
+  (:class:`mgtrain.split_step.SplitStep`) adds them with this function, so
+  the float rounding of the sums, and so the update, is the same.
+
+  Example:
+    >>> total = add_mesh_pass(None, (jnp.array([1.0, 0.0]), {"w": jnp.array(2.0)}))
+    >>> add_mesh_pass(total, (jnp.array([0.0, 3.0]), {"w": jnp.array(1.0)}))[0]
+    Array([1., 3.], dtype=float32)
+  """
+  per_term, grad = mesh_pass
+  if total is None:   # float32 terms, whatever the loss's compute dtype
+    return jnp.zeros(jnp.shape(per_term), jnp.float32) + per_term, grad
+  terms, summed = total
+  return terms + per_term, jax.tree.map(jnp.add, summed, grad)
 
 
 def mesh_value_and_grad(loss_fn: LossFn, params, group, num_terms: int,
@@ -436,4 +455,5 @@ def combine_level_grads(level_grads):
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
            "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS", "sum_over_chunks",
-           "mesh_groups", "mesh_value_and_grad", "mge_value_and_grad_by_mesh", "sequence_after"]
+           "mesh_groups", "mesh_value_and_grad", "add_mesh_pass", "mge_value_and_grad_by_mesh",
+           "sequence_after"]

@@ -65,8 +65,8 @@ import optax
 
 from mgtrain.full_multiscale import Stage, TrainState, apply_gradient, step_keys
 from mgtrain.hierarchy import Hierarchy
-from mgtrain.mge import level_views, mesh_groups, mesh_value_and_grad, sequence_after, \
-    term_value_and_grad
+from mgtrain.mge import add_mesh_pass, level_views, mesh_groups, mesh_value_and_grad, \
+    sequence_after, term_value_and_grad
 
 
 class CompiledSplitStep:
@@ -158,11 +158,10 @@ class SplitStep:
       if not fuse_meshes:   # the multiscale transform stacks a list of level terms
         terms = jnp.stack([value for value, _ in outputs])
         return apply_gradient(state, stage, tx, [g for _, g in outputs], terms)
-      terms = jnp.zeros((num_terms,), jnp.float32)
-      grad = None
-      for per_term, g in outputs:   # mge_value_and_grad_by_mesh's order of summation
-        terms = terms + per_term
-        grad = g if grad is None else jax.tree.map(jnp.add, grad, g)
+      total = None
+      for mesh_pass in outputs:
+        total = add_mesh_pass(total, mesh_pass)
+      terms, grad = total
       return apply_gradient(state, stage, tx, grad, terms)
 
     self._prepare = jax.jit(prepare)
