@@ -319,6 +319,33 @@ def test_fft_chunking_rules():
     meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=-1)
 
 
+@pytest.mark.parametrize("layer,shape,dtype", [
+    (MeshFreeConv(6, fft_chunk_bytes=1), (2, 12, 10, 3), jnp.float32),
+    (MeshFreeConv(5, pairwise=True, padding=0.25, fft_chunk_bytes=2 * 3 * 9 * 9 * 8),
+     (4, 12, 10, 3), jnp.float32),
+    (MeshFreeConv(4, padding=0.1, dtype=jnp.bfloat16, fft_chunk_bytes=600), (3, 16, 16, 2),
+     jnp.float32),
+    (MeshFreeConv(4), (2, 16, 16, 3), jnp.float32)])
+def test_layer_reports_the_fft_chunking_its_filter_runs(layer, shape, dtype, monkeypatch):
+  """``MeshFreeConv.fft_chunking`` (what the benchmark reports) is the
+  chunking that ``heat_filter`` picks inside ``apply``, for per-channel and
+  pairwise filters, with padding, and with a compute dtype of its own."""
+  x = jnp.ones(shape, dtype)
+  params = layer.init(jax.random.key(0), x)
+  used = []
+  plain = meshfree.heat_filter_chunking
+
+  def spy(*args, **kwargs):
+    used.append(plain(*args, **kwargs))
+    return used[-1]
+
+  monkeypatch.setattr(meshfree, "heat_filter_chunking", spy)
+  layer.apply(params, x)
+  monkeypatch.setattr(meshfree, "heat_filter_chunking", plain)
+  assert len(used) == 1
+  assert layer.fft_chunking(shape, dtype) == used[0]
+
+
 def test_default_fft_chunking_only_for_large_spectra_on_large_meshes():
   big, mesh = meshfree.CPU_FFT_CHUNK_ABOVE_BYTES + 1, meshfree.CPU_FFT_CHUNK_MIN_PIXELS
   assert jax.default_backend() == "cpu"

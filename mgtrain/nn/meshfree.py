@@ -551,9 +551,33 @@ class MeshFreeConv(nn.Module):
     shape = (mid, self.features) if self.pairwise else (self.features,)
     gain = 1.0 / math.sqrt(mid) if self.pairwise else 1.0
     raw = self.param("symbol", lambda k, s: init_raw(k, s, gain=gain), shape)
-    pad = int(round(self.padding * max(x.shape[1], x.shape[2])))
-    return heat_filter(v, raw, length_scale=self.length_scale, pad=pad,
+    return heat_filter(v, raw, length_scale=self.length_scale,
+                       pad=self.padding_pixels(x.shape[1], x.shape[2]),
                        pairwise=self.pairwise, fft_chunk_bytes=self.fft_chunk_bytes)
+
+  def padding_pixels(self, height: int, width: int) -> int:
+    """The zero padding, in pixels on each side, on an ``height x width`` mesh."""
+    return int(round(self.padding * max(height, width)))
+
+  def fft_chunking(self, input_shape: tuple[int, int, int, int],
+                   dtype=jnp.float32) -> tuple[int, int] | None:
+    """The FFT chunks this layer's filter runs for NHWC input of ``input_shape``.
+
+    What :func:`heat_filter_chunking` gives for the filter's input, the
+    channel map's ``(B, H, W, d or features)`` output in ``dtype`` (the
+    input's; this layer's ``dtype`` wins when set). Needs no parameters.
+
+    Example:
+      >>> MeshFreeConv(128, fft_chunk_bytes=2 * 2 ** 20).fft_chunking((16, 256, 256, 32))
+      (1, 4)
+    """
+    batch, height, width, channels = input_shape
+    mid = channels if self.pairwise else self.features
+    return heat_filter_chunking(
+        (batch, height, width, mid), out_channels=self.features if self.pairwise else None,
+        pad=self.padding_pixels(height, width),
+        dtype=self.dtype if self.dtype is not None else dtype,
+        fft_chunk_bytes=self.fft_chunk_bytes)
 
 
 def mesh_free_conv(features: int, kernel_size: int | None = None, *,
