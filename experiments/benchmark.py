@@ -181,9 +181,13 @@ def _memory(compiled) -> dict:
 def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
                   chunk_pixels: int | None, fuse_meshes: bool = False, accumulate: int = 1,
                   step_cache=None, cache_key: str = "", sequential: bool = False,
-                  split_step: bool = False):
+                  split_step: bool = False, sample_fn=sample_denoise_batch):
   """The jitted denoising train step of ``stage`` (Adam 1e-4 under
   :func:`mgtrain.transform.multiscale`) and a fresh state for it.
+
+  ``sample_fn`` draws the samples (default: the denoising sampler, which
+  draws each MGE term on its finest mesh; ``mgtrain.sampling.on_finest_mesh``
+  of it draws everything on the finest mesh, for an A/B).
 
   With ``split_step`` the step is a :class:`mgtrain.split_step.SplitStep`
   (one program per model pass) instead.
@@ -205,9 +209,9 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
                          cache_key=(f"experiments.benchmark adam 1e-4 {cache_key} levels="
                                     f"{len(stage.levels)} fuse={fuse_meshes} accumulate={accumulate}"))
   if split_step:
-    return SplitStep(stage, hierarchy, loss_fn, sample_denoise_batch, tx, chunk_pixels,
+    return SplitStep(stage, hierarchy, loss_fn, sample_fn, tx, chunk_pixels,
                      sequential, fuse_meshes), state
-  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_denoise_batch, tx,
+  step = fm.make_stage_step(stage, hierarchy, loss_fn, sample_fn, tx,
                             max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes,
                             sequential=sequential)
   return jax.jit(step, donate_argnums=0), state
@@ -216,7 +220,8 @@ def stage_program(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params,
 def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
                    chunk_pixels: int | None, fuse_meshes: bool = False,
                    compiler_options: dict | None = None, accumulate: int = 1,
-                   sequential: bool = False, split_step: bool = False):
+                   sequential: bool = False, split_step: bool = False,
+                   sample_fn=sample_denoise_batch):
   """``stage``'s train step compiled and warmed up: ``(info, step)``.
 
   ``step()`` runs one optimizer step (``accumulate`` calls) and returns its
@@ -227,10 +232,12 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   gradient accumulation (:func:`stage_program`): a step on ``k`` times the
   stage's batch whose working memory is that of one call. With
   ``split_step`` the step is one program per model pass; its memory figures are
-  then those of its largest program, which runs alone.
+  then those of its largest program, which runs alone. ``sample_fn``: see
+  :func:`stage_program`.
   """
   jitted, state = stage_program(stage, hierarchy, loss_fn, params, chunk_pixels, fuse_meshes,
-                                accumulate, sequential=sequential, split_step=split_step)
+                                accumulate, sequential=sequential, split_step=split_step,
+                                sample_fn=sample_fn)
   if split_step:
     compiled = jitted.compile(state, pool, compiler_options=compiler_options)
     lower_s = compiled.lower_seconds

@@ -47,6 +47,7 @@ from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import CONV_ALGORITHMS, get_conv, resolve_conv_algorithm
 from mgtrain.nn.resnet import ResNet, count_params
+from mgtrain.sampling import coarse_sampler
 from mgtrain.step_cache import StepCache
 
 # Every spatial conv of the ResNet comes from this factory (mgtrain.nn.convs).
@@ -94,13 +95,29 @@ def load_data(config: DenoiseConfig, dataset: str, data_dir: str | None,
   return DenoiseData(jnp.asarray(patches.to_model_range(pool)), val, desc)
 
 
-def sample_denoise_batch(pool: jax.Array, key: jax.Array, n: int) -> dict:
-  """``n`` fresh samples on the finest mesh: random patches, flips, noise, t."""
+@coarse_sampler
+def sample_denoise_batch(pool: jax.Array, key: jax.Array, n: int, *,
+                         hierarchy: Hierarchy | None = None, level: int = 0) -> dict:
+  """``n`` fresh samples: random patches, flips, noise, t.
+
+  On the finest mesh by default. With ``level`` (and a coarsening
+  ``hierarchy``) the samples come directly on mesh ``level``: the clean
+  patches are restricted there and the noise is drawn there with the
+  standard deviation restricted white noise has
+  (:meth:`~mgtrain.hierarchy.Hierarchy.white_noise_scale`). That is equal in
+  law to restricting the finest-mesh samples, at a fraction of the random
+  numbers (see :mod:`mgtrain.sampling`).
+  """
   k_idx, k_flip, k_task = jax.random.split(key, 3)
   y = pool[jax.random.randint(k_idx, (n,), 0, pool.shape[0])]
   flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
   y = jnp.where(flip, y[:, :, ::-1, :], y)
-  return tasks.denoise(k_task, y)
+  if not level:
+    return tasks.denoise(k_task, y)
+  if hierarchy is None or hierarchy.subsample != "coarsen":
+    raise ValueError("sampling on a coarser level needs a hierarchy that only coarsens")
+  return tasks.denoise(k_task, hierarchy.restrict(y, level),
+                       noise_scale=hierarchy.white_noise_scale(level))
 
 
 # ---------------------------------------------------------------- model

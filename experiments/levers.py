@@ -47,18 +47,24 @@ import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
     _time_interleaved, median_ratio_per_round
-from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn
+from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn, \
+    sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import resolve_conv_algorithm
+from mgtrain.sampling import on_finest_mesh
+
+# --sampling: each MGE term drawn on its own finest mesh, or all on the finest.
+SAMPLING = ("coarse", "fine")
 
 
 def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mode: str,
                     options: dict, chunk_pixels: int | None = None,
                     single_batch: int | None = None, dtype: str = "float32",
                     sequential: bool = False, conv_algorithm: str = "auto",
-                    split_step: bool = False) -> tuple[dict, Callable[[], jax.Array]]:
+                    split_step: bool = False,
+                    sampling: str = "coarse") -> tuple[dict, Callable[[], jax.Array]]:
   """One variant compiled and warmed up by the benchmark's own ``_compile_stage``.
 
   Returns ``(row, step)``: the variant's settings with its lowering and
@@ -68,8 +74,12 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   (:func:`mgtrain.mge.sequence_after`), ``conv_algorithm`` computes the
   standard 3x3 convs (:func:`mgtrain.nn.convs.resolve_conv_algorithm`), and
   ``split_step`` compiles the MGE step as one program per model pass
-  (:class:`mgtrain.split_step.SplitStep`).
+  (:class:`mgtrain.split_step.SplitStep`). ``sampling="fine"`` draws every
+  term's samples on the finest mesh (:func:`mgtrain.sampling.on_finest_mesh`)
+  instead of on the term's own finest mesh (``"coarse"``, the default).
   """
+  if sampling not in SAMPLING:
+    raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
   model = _bench_model(model_name, dtype, conv_algorithm)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
@@ -80,8 +90,11 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   fuse = mode == "by-mesh" and not single_batch
   info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels, fuse,
                               compiler_options=options, sequential=sequential,
-                              split_step=split_step and not single_batch)
+                              split_step=split_step and not single_batch,
+                              sample_fn=(sample_denoise_batch if sampling == "coarse"
+                                         else on_finest_mesh(sample_denoise_batch)))
   return {"model": model_name, "size": size, "mge": mode, "options": options,
+          "sampling": sampling,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
 
@@ -110,7 +123,8 @@ def levers_table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     mode = f"single b{r['single_batch']}" if r.get("single_batch") else (
-        r["mge"] + (" split" if r.get("split_step") else ""))
+        r["mge"] + (" split" if r.get("split_step") else "")
+        + (" fine sampling" if r.get("sampling") == "fine" else ""))
     settings = (f"| {r['model']} | {r['size']} | {mode} | {r['compute_dtype']} "
                 f"| {'on' if r['sequential'] else 'off'} | {r.get('conv_algorithm', 'direct')} "
                 f"| {r.get('chunk_pixels') or 0} "
@@ -147,6 +161,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--split-step", nargs="+", choices=("off", "on"), default=["off"],
                  help="the MGE step as one program (off) and/or one program per model "
                       "pass (on; mgtrain.split_step)")
+  p.add_argument("--sampling", nargs="+", choices=SAMPLING, default=["coarse"],
+                 help="draw each MGE term's samples on its finest mesh (coarse, the "
+                      "default) and/or all on the finest mesh (fine; mgtrain.sampling)")
   add_conv_algorithm_argument(p, nargs="+")
   p.add_argument("--single-batch", type=int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
@@ -166,20 +183,20 @@ def main(argv=None) -> list[dict]:
   for size in sizes:
     timed_rows, steps = [], []
     for mode in (["single"] if args.single_batch else args.mge):
-      for options, chunk, dtype, seq, algo, split in itertools.product(
+      for options, chunk, dtype, seq, algo, split, sampling in itertools.product(
           args.options, args.chunk_pixels, args.compute_dtype, args.sequential,
-          args.conv_algorithm, args.split_step):
+          args.conv_algorithm, args.split_step, args.sampling):
         label = (f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
-                 f"conv {algo} split {split} {json.dumps(options)}")
+                 f"conv {algo} split {split} sampling {sampling} {json.dumps(options)}")
         try:
           row, step = compile_variant(args.model, size, levels, base_batch, mode, options,
                                       chunk or None, args.single_batch or None, dtype,
                                       sequential=seq == "on", conv_algorithm=algo,
-                                      split_step=split == "on")
+                                      split_step=split == "on", sampling=sampling)
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
                  "compute_dtype": dtype, "sequential": seq == "on", "conv_algorithm": algo,
-                 "split_step": split == "on",
+                 "split_step": split == "on", "sampling": sampling,
                  "error": str(e).splitlines()[0]}
           print(f"{label}: {row['error']}", flush=True)
         else:

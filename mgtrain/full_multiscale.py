@@ -51,6 +51,7 @@ from mgtrain import workunits
 from mgtrain import parallel
 from mgtrain.hierarchy import Hierarchy, HierarchyError, levels_for_stage
 from mgtrain.mge import mge_value_and_grad, mge_value_and_grad_by_mesh
+from mgtrain.sampling import draw_levels
 from mgtrain.step_cache import cached_call
 from mgtrain.transform import multiscale
 
@@ -215,7 +216,9 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
   """The pure train step of one stage: ``step(state, data) -> (state, metrics)``.
 
   Each level draws its own fresh batch with ``sample_fn(data, key, n)``
-  (returning a batch on the finest mesh), MGE computes the per-level
+  (returning a batch on the finest mesh; a
+  :func:`mgtrain.sampling.coarse_sampler` draws it on the term's finest mesh
+  instead, see :func:`mgtrain.sampling.draw`), MGE computes the per-level
   gradient terms, ``tx`` (a :func:`mgtrain.transform.multiscale`) combines and
   applies them, and the step's #WU is added to the counter. ``metrics`` holds
   the scalar ``loss``, the per-level ``terms`` and the updated ``work_units``
@@ -233,11 +236,12 @@ def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,
 
   def step(state: TrainState, data):
     keys, k_crop = step_keys(state.rng, state.step, len(stage.levels))
-    batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
+    batches, batch_levels = draw_levels(sample_fn, data, keys, stage.batch_sizes, hierarchy,
+                                        stage.levels)
     loss, level_grads, terms = value_and_grad(
         loss_fn, state.params, batches, hierarchy, stage.levels,
-        key=k_crop if crops else None, max_pixels_per_chunk=max_pixels_per_chunk,
-        sequential=sequential)
+        key=k_crop if crops else None, input_level=batch_levels,
+        max_pixels_per_chunk=max_pixels_per_chunk, sequential=sequential)
     return apply_gradient(state, stage, tx, level_grads, terms)
 
   return step

@@ -203,6 +203,32 @@ class Hierarchy:
         batch = random_half_crop(batch, sub)
     return batch
 
+  def white_noise_scale(self, steps: int, start_level: int = 0) -> float:
+    """Standard deviation of unit white noise carried ``steps`` levels coarser.
+
+    :meth:`restrict` is linear, and every operation maps independent
+    ``N(0, 1)`` pixels to independent Gaussian pixels: a 2x2 block mean (the
+    ``"average"`` restriction, and ``"bilinear"``, which for a factor 2
+    averages the same blocks) halves the standard deviation; keeping one
+    pixel per block (``"nearest"``) or cropping keeps it. So
+    ``restrict(z, steps)`` with ``z ~ N(0, I)`` is equal in law to
+    ``white_noise_scale(steps) * N(0, I)`` on the coarse mesh, which lets a
+    sampler draw the noise there directly (:mod:`mgtrain.sampling`).
+
+    Example:
+      >>> Hierarchy(levels=4, size=64, base_batch=16).white_noise_scale(3)
+      0.125
+    """
+    if steps < 0 or start_level + steps >= self.levels:
+      raise HierarchyError(
+          f"cannot restrict from level {start_level} by {steps} steps in a "
+          f"{self.levels}-level hierarchy")
+    scale = 1.0
+    for level in range(start_level, start_level + steps):
+      if self._operation(level) == "coarsen" and self.restriction != "nearest":
+        scale *= 0.5
+    return scale
+
   def _operation(self, level: int) -> str:
     """The operation carrying level ``level`` to ``level + 1``."""
     if self.subsample == "coarsen":

@@ -57,6 +57,7 @@ from mgtrain import parallel
 from mgtrain.full_multiscale import Stage, TrainState, apply_gradient, step_keys
 from mgtrain.hierarchy import Hierarchy, HierarchyError
 from mgtrain.mge import term_value_and_grad, term_views
+from mgtrain.sampling import draw
 from mgtrain.workunits import level_cost
 
 
@@ -147,8 +148,8 @@ class LevelParallelStep:
       last = i == levels - 1
 
       def term(params, data, key, crop_key, level=level, n=n, sample=sample, last=last):
-        views = term_views(sample(data, key, n), hierarchy, level, last,
-                           crop_key if crops else None)
+        batch, arrives = draw(sample, data, key, n, hierarchy, level)
+        views = term_views(batch, hierarchy, level, last, crop_key if crops else None, arrives)
         return term_value_and_grad(loss_fn, params, views, max_pixels_per_chunk)
 
       self._terms.append(jax.jit(term))

@@ -72,7 +72,7 @@ def _check_levels(hierarchy: Hierarchy, levels: Sequence[int] | None) -> tuple[i
 
 def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
                 levels: Sequence[int] | None = None, key: jax.Array | None = None,
-                input_level: int = 0) -> list[tuple[Any, ...]]:
+                input_level: int | Sequence[int] = 0) -> list[tuple[Any, ...]]:
   """The samples of each term of Eq. 6 on the meshes that term evaluates.
 
   Args:
@@ -84,7 +84,10 @@ def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
       one is the plain coarsest term; Full-Multiscale stage ``s`` uses
       ``L-1-s .. L-1`` and single-scale one level.
     key: PRNG key, needed only when the hierarchy crops.
-    input_level: mesh level the batches arrive on.
+    input_level: mesh level the batches arrive on, or one level per batch
+      (:func:`mgtrain.sampling.draw_levels` draws each term's batch on that
+      term's finest mesh when it can). A batch must not arrive coarser than
+      its term's finest mesh.
 
   Returns:
     Per level, ``(fine, coarse)`` views of the same samples for a correction
@@ -94,14 +97,21 @@ def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
   if len(batches) != len(levels):
     raise HierarchyError(
         f"MGE needs one batch per level: got {len(batches)} batches for levels {levels}")
-  if input_level > levels[0]:
+  input_levels = (tuple(input_level) if isinstance(input_level, (tuple, list))
+                  else (input_level,) * len(levels))
+  if len(input_levels) != len(levels):
     raise HierarchyError(
-        f"batches arrive on level {input_level}, finer than the finest MGE "
-        f"level {levels[0]} is required")
+        f"got {len(input_levels)} input levels for {len(levels)} batches")
+  for arrives, level in zip(input_levels, levels):
+    if arrives > level:
+      raise HierarchyError(
+          f"a batch arrives on level {arrives}, coarser than its term's finest "
+          f"mesh, level {level}")
   keys = (list(jax.random.split(key, len(levels))) if key is not None
           else [None] * len(levels))
-  return [term_views(batch, hierarchy, level, i == len(levels) - 1, k, input_level)
-          for i, (level, batch, k) in enumerate(zip(levels, batches, keys))]
+  return [term_views(batch, hierarchy, level, i == len(levels) - 1, k, arrives)
+          for i, (level, batch, k, arrives)
+          in enumerate(zip(levels, batches, keys, input_levels))]
 
 
 def term_views(batch, hierarchy: Hierarchy, level: int, last: bool,
@@ -259,7 +269,7 @@ def sum_over_chunks(fn: Callable, batch, num_chunks: int, sequential: bool = Fal
 
 def mge_value_and_grad(loss_fn: LossFn, params, batches: Sequence[Any],
                        hierarchy: Hierarchy, levels: Sequence[int] | None = None,
-                       key: jax.Array | None = None, input_level: int = 0,
+                       key: jax.Array | None = None, input_level: int | Sequence[int] = 0,
                        max_pixels_per_chunk: int | None = None, sequential: bool = False):
   """Telescoping loss, per-level gradient terms and per-level loss terms.
 
@@ -331,7 +341,7 @@ def mesh_groups(views: Sequence[tuple[Any, ...]]) -> list[tuple[Any, jax.Array, 
 
 def mge_value_and_grad_by_mesh(loss_fn: LossFn, params, batches: Sequence[Any],
                                hierarchy: Hierarchy, levels: Sequence[int] | None = None,
-                               key: jax.Array | None = None, input_level: int = 0,
+                               key: jax.Array | None = None, input_level: int | Sequence[int] = 0,
                                max_pixels_per_chunk: int | None = None,
                                sequential: bool = False):
   """Eq. 6's estimate and its gradient with one model pass per mesh.
@@ -442,7 +452,7 @@ def mesh_value_and_grad(loss_fn: LossFn, params, group, num_terms: int,
 
 def mge_loss(loss_fn: LossFn, params, batches: Sequence[Any], hierarchy: Hierarchy,
              levels: Sequence[int] | None = None, key: jax.Array | None = None,
-             input_level: int = 0) -> jax.Array:
+             input_level: int | Sequence[int] = 0) -> jax.Array:
   """The scalar telescoping loss (Algorithm 1's ``loss``); ``jax.grad`` of it is MGE."""
   views = level_views(batches, hierarchy, levels, key, input_level)
   return sum(term_loss(loss_fn, params, v) for v in views)

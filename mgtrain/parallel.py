@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from mgtrain.hierarchy import HierarchyError
+from mgtrain.sampling import coarse_sampler, draws_on_coarse_meshes
 
 DATA_AXIS = "data"
 
@@ -70,14 +71,16 @@ def shard_batches(sample_fn: Callable, mesh: jax.sharding.Mesh,
   """Wraps ``sample_fn(data, key, n)`` so each batch is split along ``axis``.
 
   The leading (sample) axis of every leaf is sharded; the sampling itself
-  runs inside the jitted step, so every device draws only its share.
+  runs inside the jitted step, so every device draws only its share. A
+  :func:`mgtrain.sampling.coarse_sampler` stays one: its ``hierarchy`` and
+  ``level`` keywords pass through.
   """
   devices = mesh.shape[axis]
 
-  def sharded(data, key, n):
+  def sharded(data, key, n, **on_level):
     if n % devices:
       raise HierarchyError(f"a batch of {n} does not split over {devices} devices")
-    batch = sample_fn(data, key, n)
+    batch = sample_fn(data, key, n, **on_level)
 
     def constrain(x):
       spec = PartitionSpec(axis, *([None] * (x.ndim - 1)))
@@ -85,7 +88,7 @@ def shard_batches(sample_fn: Callable, mesh: jax.sharding.Mesh,
 
     return jax.tree.map(constrain, batch)
 
-  return sharded
+  return coarse_sampler(sharded) if draws_on_coarse_meshes(sample_fn) else sharded
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

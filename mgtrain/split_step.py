@@ -67,6 +67,7 @@ from mgtrain.full_multiscale import Stage, TrainState, apply_gradient, step_keys
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import add_mesh_pass, level_views, mesh_groups, mesh_value_and_grad, \
     sequence_after, term_value_and_grad
+from mgtrain.sampling import draw_levels
 
 
 class CompiledSplitStep:
@@ -142,8 +143,10 @@ class SplitStep:
 
     def prepare(state: TrainState, data):
       keys, k_crop = step_keys(state.rng, state.step, num_terms)
-      batches = [sample_fn(data, k, n) for k, n in zip(keys, stage.batch_sizes)]
-      views = level_views(batches, hierarchy, stage.levels, k_crop if crops else None)
+      batches, batch_levels = draw_levels(sample_fn, data, keys, stage.batch_sizes, hierarchy,
+                                          stage.levels)
+      views = level_views(batches, hierarchy, stage.levels, k_crop if crops else None,
+                          batch_levels)
       return mesh_groups(views) if fuse_meshes else views
 
     def one_pass(params, inputs, after):

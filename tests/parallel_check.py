@@ -20,14 +20,20 @@ from mgtrain import full_multiscale as fm  # noqa: E402
 from mgtrain import level_parallel  # noqa: E402
 from mgtrain import parallel  # noqa: E402
 from mgtrain.hierarchy import Hierarchy  # noqa: E402
+from mgtrain.sampling import coarse_sampler  # noqa: E402
 from mgtrain.transform import multiscale  # noqa: E402
 from tests.conftest import TinyCNN, mse_loss_fn, smooth_images  # noqa: E402
 
 
-def sample_fn(pool, key, n):
+@coarse_sampler
+def sample_fn(pool, key, n, *, hierarchy=None, level=0):
+  # Draws on a term's finest mesh by restricting the fine batch: the same
+  # values either way, so the comparisons stay exact while the sharded and
+  # level-parallel steps take the coarse-sampling path.
   idx = jax.random.randint(key, (n,), 0, pool.shape[0])
   x = pool[idx]
-  return {"x": x, "y": jnp.roll(x, 1, axis=2)}
+  batch = {"x": x, "y": jnp.roll(x, 1, axis=2)}
+  return hierarchy.restrict(batch, level) if level else batch
 
 
 def run(stage, hierarchy, mesh):

@@ -37,3 +37,12 @@ def test_variants_are_timed_in_interleaved_rounds(monkeypatch):
   assert rows[0]["samples"] == [1.0, 2.0, 3.0] and rows[1]["samples"] == [2.0, 6.0, 3.0]
   assert rows[1]["seconds_per_step"] == 3.0
   assert rows[1]["ratio_to_first"] == 2.0     # median of 2, 3 and 1
+
+
+def test_smoke_levers_sampling_on_coarse_or_finest_meshes(tmp_path):
+  coarse, fine = levers.main(["--config", "smoke", "--mge", "by-mesh", "--sampling", "coarse",
+                              "fine", "--repeats", "1", "--workdir", str(tmp_path)])
+  assert (coarse["sampling"], fine["sampling"]) == ("coarse", "fine")
+  assert fine["seconds_per_step"] > 0
+  table = (tmp_path / "levers.md").read_text()
+  assert "| by-mesh fine sampling |" in table and "| by-mesh |" in table

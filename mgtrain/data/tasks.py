@@ -61,8 +61,8 @@ def denoise_mix(y: Array, t: Array, z: Array) -> Array:
 
 
 @jax.jit
-def denoise(key: Array, y: Array, *, t: Optional[Array] = None
-           ) -> Dict[str, Array]:
+def denoise(key: Array, y: Array, *, t: Optional[Array] = None,
+            noise_scale: Optional[Array] = None) -> Dict[str, Array]:
   """Time-conditioned denoising task of the MGE paper (Section 4).
 
   From the paper: "u^h = t y^h + (1 - t) z", with ``t ~ U[0, 1]`` drawn per
@@ -79,6 +79,10 @@ def denoise(key: Array, y: Array, *, t: Optional[Array] = None
     y: clean images in model range, shape ``(B, H, W, C)``.
     t: optional per-sample ``t`` of shape ``(B,)`` (or a scalar, broadcast)
       to use instead of sampling it, e.g. to evaluate at a fixed noise level.
+    noise_scale: optional standard deviation of ``z`` (default 1). A task
+      drawn directly on a coarser mesh uses the law of the fine noise carried
+      there, e.g. ``1/2`` per 2x2 block mean
+      (:meth:`mgtrain.hierarchy.Hierarchy.white_noise_scale`).
 
   Returns:
     dict with ``'u'`` (noisy input, shape of ``y``), ``'y'`` (the clean
@@ -103,6 +107,8 @@ def denoise(key: Array, y: Array, *, t: Optional[Array] = None
   else:
     t = jnp.broadcast_to(jnp.asarray(t, dtype), (batch,))
   z = jax.random.normal(key_z, y.shape, dtype=dtype)
+  if noise_scale is not None:
+    z = z * jnp.asarray(noise_scale, dtype)
   return {'u': denoise_mix(y, t, z), 'y': y, 't': t}
 
 
