@@ -153,8 +153,11 @@ def main(argv=None) -> dict:
     lowered = jitted.lower(state, pool)
     phases["trace_and_lower"] = time.perf_counter() - t
     t = time.perf_counter()
-    compiled = lowered.compile()
-    if step_cache is not None:
+    if step_cache is None:
+      compiled = lowered.compile()
+    else:
+      from mgtrain.step_cache import compile_to_store   # pylint: disable=g-import-not-at-top
+      compiled = compile_to_store(lowered)
       step_cache.store(compiled, key, state, pool)
     phases["compile"] = time.perf_counter() - t
   t = time.perf_counter()

@@ -29,6 +29,16 @@ fails to load (another jaxlib, a truncated file) is compiled afresh and
 overwritten. Entries are pickles: only point a cache at a directory you
 trust, as with JAX's own cache.
 
+With JAX's persistent compilation cache on as well, a miss here can be a
+hit there, and on jax 0.10's CPU backend an executable that JAX loaded
+from its cache serializes *without its kernels*: a later process loads the
+entry and fails at the first call with ``Function slice_add_fusion not found``
+(seen 2026-12-05 after a source edit: the step cache missed, JAX's did
+not). So :meth:`StepCache.compile` watches JAX's cache-hit event in its own
+thread, and when JAX's cache served the program it compiles it once more,
+past JAX's cache (an explicit default XLA option changes JAX's key, and
+nothing is written back), and stores that.
+
 Example::
 
   cache = StepCache("~/.cache/mgtrain/step-cache")
@@ -39,19 +49,69 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
 import pickle
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import jax
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 
 _FORMAT = 1
+
+# JAX's persistent-cache hits, counted per thread (the event fires in the
+# compiling thread; a Full-Multiscale run compiles its next stage in another).
+_JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_jax_cache_hits = threading.local()
+_listening = threading.Lock()
+_listener_registered = False
+# An XLA option at its default value: compiling with it changes the key
+# JAX's persistent cache looks up, and nothing else.
+_PAST_JAX_CACHE = {"xla_embed_ir_in_executable": False}
+
+
+def _count_jax_cache_hit(event: str, **_) -> None:
+  if event == _JAX_CACHE_HIT_EVENT:
+    _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+
+
+def _no_jax_cache_writes():
+  """This thread's compiles are not written to JAX's persistent cache."""
+  state = getattr(jax_config, "persistent_cache_min_compile_time_secs", None)
+  return state(float("inf")) if state is not None else contextlib.nullcontext()
+
+
+def compile_to_store(lowered, compiler_options: dict | None = None):
+  """``lowered.compile(compiler_options)``, in a form that serializes whole.
+
+  When JAX's persistent cache serves the compile, the program is compiled
+  once more past that cache (see the module docstring). Use it for
+  everything given to :meth:`StepCache.store`.
+  """
+  hits = jax_cache_hits_in_this_thread()
+  compiled = lowered.compile(compiler_options=compiler_options or None)
+  if jax_cache_hits_in_this_thread() != hits:
+    with _no_jax_cache_writes():
+      compiled = lowered.compile(compiler_options={**(compiler_options or {}),
+                                                   **_PAST_JAX_CACHE})
+  return compiled
+
+
+def jax_cache_hits_in_this_thread() -> int:
+  """How often JAX's persistent compilation cache served a compile in this thread."""
+  global _listener_registered
+  with _listening:
+    if not _listener_registered:
+      jax.monitoring.register_event_listener(_count_jax_cache_hit)
+      _listener_registered = True
+  return getattr(_jax_cache_hits, "count", 0)
 
 
 @lru_cache(maxsize=None)
@@ -139,7 +199,8 @@ class StepCache:
 
   def store(self, compiled, key: str, *args) -> Path | None:
     """Writes ``compiled`` (atomically); returns the path, or None when the
-    backend cannot serialize its executables."""
+    backend cannot serialize its executables. Compile it with
+    :func:`compile_to_store`."""
     return self._write(compiled, self.path(key, *args))
 
   @staticmethod
@@ -194,7 +255,7 @@ class StepCache:
     compiled = self._read(self._entry(fingerprint), args)
     hit = compiled is not None
     if not hit:
-      compiled = jitted.lower(*args).compile(compiler_options=compiler_options or None)
+      compiled = compile_to_store(jitted.lower(*args), compiler_options)
       self._write(compiled, self._entry(fingerprint))
     self._in_memory[fingerprint] = compiled
     return compiled, hit

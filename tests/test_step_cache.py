@@ -199,3 +199,51 @@ def test_full_multiscale_second_run_loads_every_stage_and_trains_the_same(tmp_pa
 def test_full_multiscale_step_cache_needs_a_key(tmp_path):
   with pytest.raises(ValueError, match="step_cache_key"):
     _fm_run(step_cache=StepCache(tmp_path))
+
+
+_CROSS_PROCESS = """
+import sys
+import jax, jax.numpy as jnp
+from mgtrain.step_cache import StepCache, compile_to_store
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+def f(x):
+  return jnp.sin(x[1:] + x[:-1]) * 2.0 + jnp.cos(x).sum()
+x = jnp.arange(1000.0)
+cache = StepCache(sys.argv[2])
+if sys.argv[3] == "compile":
+  compiled, hit = cache.compile(jax.jit(f), x, key="cross-process toy")
+else:   # load, else compile and store: what SplitStep.compile and first_step do
+  compiled = cache.load("cross-process toy", x)
+  hit = compiled is not None
+  if not hit:
+    compiled = compile_to_store(jax.jit(f).lower(x))
+    cache.store(compiled, "cross-process toy", x)
+print(int(hit), float(compiled(x).sum()), float(jax.jit(f)(x).sum()))
+"""
+
+
+@pytest.mark.parametrize("how", ["compile", "store"])
+def test_an_entry_written_after_a_jax_cache_hit_loads_in_a_new_process(tmp_path, how):
+  """With JAX's persistent cache on: process 1 fills it (and step cache A);
+  process 2 misses step cache B but hits JAX's cache, and must still write
+  a complete entry to B; process 3 loads B and runs it. On jax 0.10's CPU
+  backend, storing the executable JAX loaded from its cache made process 3
+  fail with ``Function ... not found``. Through ``StepCache.compile`` and
+  through ``compile_to_store`` + ``store``."""
+  import subprocess   # pylint: disable=g-import-not-at-top
+  import sys   # pylint: disable=g-import-not-at-top
+
+  def run(step_cache):
+    out = subprocess.run([sys.executable, "-c", _CROSS_PROCESS, str(tmp_path / "jax"),
+                          str(tmp_path / step_cache), how], capture_output=True, text=True,
+                         check=False, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hit, value, expected = out.stdout.split()
+    assert float(value) == float(expected)
+    return int(hit)
+
+  assert run("a") == 0
+  assert any((tmp_path / "jax").iterdir())     # JAX's cache has the program now
+  assert run("b") == 0                          # step cache B misses, JAX's hits
+  assert run("b") == 1                          # B's entry loads and runs
