@@ -150,3 +150,22 @@ def test_denoise_sampler_errors():
     sample_denoise_batch(pool, key, 2, level=1)
   with pytest.raises(ValueError, match="only coarsens"):
     sample_denoise_batch(pool, key, 2, hierarchy=Hierarchy(levels=3, size=16, base_batch=1, subsample="crop"), level=1)
+
+
+def test_level_views_takes_one_input_level_per_batch():
+  """Batches drawn on their terms' finest meshes give the views of restricted
+  fine batches; a batch coarser than its term's mesh, or a level count that
+  does not match, is refused."""
+  from mgtrain.mge import level_views   # pylint: disable=g-import-not-at-top
+  h = Hierarchy(levels=3, size=16, base_batch=2)
+  keys = jax.random.split(jax.random.key(0), 3)
+  fine = [{"x": jax.random.normal(k, (n, 16, 16, 1))} for k, n in zip(keys, h.batch_sizes)]
+  drawn = [h.restrict(b, level) for level, b in enumerate(fine)]
+  for got, want in zip(level_views(drawn, h, input_level=(0, 1, 2)), level_views(fine, h)):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g["x"], w["x"])
+  with pytest.raises(HierarchyError, match="coarser than its term's finest"):
+    level_views(drawn, h, input_level=(0, 2, 2))
+  with pytest.raises(HierarchyError, match="input levels for 3 batches"):
+    level_views(drawn, h, input_level=(0, 1))
