@@ -156,9 +156,7 @@ def main(argv=None) -> dict:
     if step_cache is None:
       compiled = lowered.compile()
     else:
-      from mgtrain.step_cache import compile_to_store   # pylint: disable=g-import-not-at-top
-      compiled = compile_to_store(lowered)
-      step_cache.store(compiled, key, state, pool)
+      compiled = step_cache.compile_and_store(lowered, key, state, pool)
     phases["compile"] = time.perf_counter() - t
   t = time.perf_counter()
   state, metrics = compiled(state, pool)

@@ -68,7 +68,6 @@ from mgtrain.hierarchy import Hierarchy
 from mgtrain.mge import add_mesh_pass, level_views, mesh_groups, mesh_value_and_grad, \
     sequence_after, term_value_and_grad
 from mgtrain.sampling import draw_levels
-from mgtrain.step_cache import compile_to_store
 
 
 class CompiledSplitStep:
@@ -240,9 +239,8 @@ class SplitStep:
       def build(name):
         if step_cache is None:
           return lowered[name].compile(compiler_options=compiler_options or None)
-        out = compile_to_store(lowered[name], compiler_options)
-        step_cache.store(out, cache_keys[name], *jobs[name][1])
-        return out
+        return step_cache.compile_and_store(lowered[name], cache_keys[name], *jobs[name][1],
+                                            compiler_options=compiler_options)
 
       compiled.update(zip(missing, pool.map(lambda n: timed(n, lambda: build(n)), missing)))
       t3 = time.perf_counter()

@@ -34,10 +34,11 @@ hit there, and on jax 0.10's CPU backend an executable that JAX loaded
 from its cache serializes *without its kernels*: a later process loads the
 entry and fails at the first call with ``Function slice_add_fusion not found``
 (seen 2026-12-05 after a source edit: the step cache missed, JAX's did
-not). So :meth:`StepCache.compile` watches JAX's cache-hit event in its own
-thread, and when JAX's cache served the program it compiles it once more,
-past JAX's cache (an explicit default XLA option changes JAX's key, and
-nothing is written back), and stores that.
+not). So :meth:`StepCache.compile` and :meth:`StepCache.compile_and_store`
+watch JAX's cache-hit event in their own thread, and when JAX's cache
+served the program they compile it once more, past JAX's cache (an
+explicit default XLA option changes JAX's key, and nothing is written
+back), and store that.
 
 Example::
 
@@ -88,12 +89,11 @@ def _no_jax_cache_writes():
   return state(float("inf")) if state is not None else contextlib.nullcontext()
 
 
-def compile_to_store(lowered, compiler_options: dict | None = None):
+def _compile_whole(lowered, compiler_options: dict | None = None):
   """``lowered.compile(compiler_options)``, in a form that serializes whole.
 
   When JAX's persistent cache serves the compile, the program is compiled
-  once more past that cache (see the module docstring). Use it for
-  everything given to :meth:`StepCache.store`.
+  once more past that cache (see the module docstring).
   """
   hits = jax_cache_hits_in_this_thread()
   compiled = lowered.compile(compiler_options=compiler_options or None)
@@ -199,9 +199,20 @@ class StepCache:
 
   def store(self, compiled, key: str, *args) -> Path | None:
     """Writes ``compiled`` (atomically); returns the path, or None when the
-    backend cannot serialize its executables. Compile it with
-    :func:`compile_to_store`."""
+    backend cannot serialize its executables. ``compiled`` must not come
+    from JAX's persistent cache (module docstring): to compile and store,
+    use :meth:`compile_and_store`."""
     return self._write(compiled, self.path(key, *args))
+
+  def compile_and_store(self, lowered, key: str, *args,
+                        compiler_options: dict | None = None):
+    """Compiles ``lowered`` (a ``jax.stages.Lowered`` of ``args``) and stores
+    it under ``key`` and ``args``; returns the compiled program. For callers
+    that lower the program themselves (to time tracing apart, or to compile
+    several programs side by side); :meth:`compile` does both steps."""
+    compiled = _compile_whole(lowered, compiler_options)
+    self.store(compiled, key, *args)
+    return compiled
 
   @staticmethod
   def _read(path: Path, args):
@@ -255,7 +266,7 @@ class StepCache:
     compiled = self._read(self._entry(fingerprint), args)
     hit = compiled is not None
     if not hit:
-      compiled = compile_to_store(jitted.lower(*args), compiler_options)
+      compiled = _compile_whole(jitted.lower(*args), compiler_options)
       self._write(compiled, self._entry(fingerprint))
     self._in_memory[fingerprint] = compiled
     return compiled, hit

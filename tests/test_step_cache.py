@@ -204,7 +204,7 @@ def test_full_multiscale_step_cache_needs_a_key(tmp_path):
 _CROSS_PROCESS = """
 import sys
 import jax, jax.numpy as jnp
-from mgtrain.step_cache import StepCache, compile_to_store
+from mgtrain.step_cache import StepCache
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 def f(x):
@@ -213,12 +213,11 @@ x = jnp.arange(1000.0)
 cache = StepCache(sys.argv[2])
 if sys.argv[3] == "compile":
   compiled, hit = cache.compile(jax.jit(f), x, key="cross-process toy")
-else:   # load, else compile and store: what SplitStep.compile and first_step do
+else:   # load, else lower and compile_and_store: what SplitStep.compile and first_step do
   compiled = cache.load("cross-process toy", x)
   hit = compiled is not None
   if not hit:
-    compiled = compile_to_store(jax.jit(f).lower(x))
-    cache.store(compiled, "cross-process toy", x)
+    compiled = cache.compile_and_store(jax.jit(f).lower(x), "cross-process toy", x)
 print(int(hit), float(compiled(x).sum()), float(jax.jit(f)(x).sum()))
 """
 
@@ -230,7 +229,7 @@ def test_an_entry_written_after_a_jax_cache_hit_loads_in_a_new_process(tmp_path,
   a complete entry to B; process 3 loads B and runs it. On jax 0.10's CPU
   backend, storing the executable JAX loaded from its cache made process 3
   fail with ``Function ... not found``. Through ``StepCache.compile`` and
-  through ``compile_to_store`` + ``store``."""
+  through ``load`` + ``compile_and_store``."""
   import subprocess   # pylint: disable=g-import-not-at-top
   import sys   # pylint: disable=g-import-not-at-top
 
