@@ -353,8 +353,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       program (:class:`mgtrain.split_step.SplitStep`): the same update to
       float rounding, compiled in less time (side by side where cores are
       idle) and loaded from ``step_cache`` several times faster than one
-      program; the price is a few program launches per step. Not
-      combinable with ``mesh`` or ``level_parallel``.
+      program; the price is a few program launches per step. By term, a
+      stage reuses the pass programs of the stage before (its coarser
+      terms), so each stage compiles one new pass. Not combinable with
+      ``mesh`` or ``level_parallel``.
 
   Returns:
     ``(state, history)``; ``history`` holds per-step ``loss``,
@@ -423,6 +425,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           inner_state=carry_inner_state(state.opt_state.inner_state, fresh.inner_state))
     return state.replace(opt_state=fresh, level=jnp.asarray(stages[s].mesh_level, jnp.int32))
 
+  # Pass programs that later stages reuse (SplitStep: by term, each stage's
+  # terms after its first are the previous stage's).
+  shared_passes = {}
+
   def compile_stage(s, state_like):
     """Stage ``s``'s compiled step for states like ``state_like`` (arrays or
     ``jax.ShapeDtypeStruct``s)."""
@@ -434,7 +440,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       from mgtrain.split_step import SplitStep  # pylint: disable=g-import-not-at-top
       return SplitStep(stages[s], hierarchy, loss_fn, sample_fn, optimizers[s],
                        max_pixels_per_chunk, sequential, fuse_meshes).compile(
-                           state_like, data, step_cache=step_cache, key=key)
+                           state_like, data, step_cache=step_cache, key=key,
+                           shared=shared_passes)
     step_fn = jax.jit(make_stage_step(stages[s], hierarchy, loss_fn, sample_fn, optimizers[s],
                                       max_pixels_per_chunk, fuse_meshes, sequential),
                       donate_argnums=0)

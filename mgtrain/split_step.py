@@ -43,7 +43,18 @@ With ``sequential`` pass ``k+1``'s inputs depend on pass ``k``'s output
 (:func:`mgtrain.mge.sequence_after`), so it starts only once pass ``k``'s
 program has finished and one pass's activations are alive at a time, as in
 the one-program step's ``sequential`` mode; chunks inside a pass
-(``max_pixels_per_chunk``) follow the same flag.
+(``max_pixels_per_chunk``) follow the same flag. Pass 0 then waits on a
+zero of the same shape, so that every pass has the same signature.
+
+Passes shared between stages. A pass program depends only on the loss, the
+chunking, ``sequential`` (and, by mesh, the number of terms) and the shapes
+of its inputs, not on the stage. In a Full-Multiscale schedule by term,
+stage ``s``'s terms after the first are stage ``s-1``'s terms: the same
+levels, batch sizes and position in the sequence. :meth:`SplitStep.compile`
+takes a ``shared`` table (one per training run, as
+:func:`mgtrain.full_multiscale.train` keeps) and reuses any pass program an
+earlier stage compiled, so each stage compiles one new pass: 4 pass
+programs instead of 1 + 2 + 3 + 4 for four stages.
 
 Example::
 
@@ -76,19 +87,23 @@ class CompiledSplitStep:
   Attributes:
     hits: per program (``prepare``, ``pass 0``, ..., ``update``), whether it
       came from the step cache (all False without one).
+    reused: per program, whether it was an earlier stage's, from the
+      ``shared`` table of :meth:`SplitStep.compile` (neither loaded nor
+      compiled).
     seconds: per program, the seconds spent on it (load, or lowering and
       compile); the programs compile side by side, so these overlap.
     lower_seconds: wall seconds of tracing and lowering (0 when all hit).
     compile_seconds: wall seconds of the cache loads and XLA's compiles.
   """
 
-  def __init__(self, prepare, passes, update, sequential: bool, hits: dict,
+  def __init__(self, prepare, passes, update, first_after, hits: dict, reused: dict,
                seconds: dict, lower_seconds: float, compile_seconds: float):
     self._prepare = prepare
-    self._sequential = sequential
+    self._first_after = first_after
     self._passes = list(passes)
     self._update = update
     self.hits = hits
+    self.reused = reused
     self.seconds = seconds
     self.lower_seconds = lower_seconds
     self.compile_seconds = compile_seconds
@@ -101,18 +116,36 @@ class CompiledSplitStep:
             "update": self._update}
 
   def __call__(self, state: TrainState, data):
-    return _run(self._prepare, self._passes, self._update, self._sequential, state, data)
+    return _run(self._prepare, self._passes, self._update, self._first_after, state, data)
 
 
-def _run(prepare, passes, update, sequential: bool, state, data):
+def _run(prepare, passes, update, first_after, state, data):
+  """One step; ``first_after`` is None unless the passes are sequential."""
   inputs = prepare(state, data)
-  outputs, after = [], None
+  outputs, after = [], first_after
   for one_pass, pass_inputs in zip(passes, inputs):
     out = one_pass(state.params, pass_inputs, after)
     outputs.append(out)
-    if sequential:
+    if first_after is not None:
       after = out[0]
   return update(state, outputs)
+
+
+def _identity(fn):
+  """``fn`` itself where it can be a dict key, else its ``id`` (then the
+  table that holds it must not outlive ``fn``: one table per run)."""
+  try:
+    hash(fn)
+  except TypeError:
+    return ("id", id(fn))
+  return fn
+
+
+def _signature(args) -> tuple:
+  """What a compiled program's inputs must match: tree structure, shapes,
+  dtypes and weak types of ``args`` (arrays or ``jax.ShapeDtypeStruct``s)."""
+  leaves, tree = jax.tree.flatten(jax.eval_shape(lambda *a: a, *args))
+  return tree, tuple((leaf.shape, leaf.dtype, leaf.weak_type) for leaf in leaves)
 
 
 class SplitStep:
@@ -171,6 +204,27 @@ class SplitStep:
     # One jit; each pass's input shapes trace and compile their own program.
     self._pass = jax.jit(one_pass)
     self._update = jax.jit(update, donate_argnums=0)
+    # What, besides its input shapes, a pass program depends on (the key of
+    # ``compile``'s shared table): the loss (by identity), the chunking,
+    # ``sequential``, and by mesh the number of terms (the weights' length).
+    self._pass_identity = (_identity(loss_fn), max_pixels_per_chunk, sequential, fuse_meshes,
+                           num_terms if fuse_meshes else None)
+    self._first_after_value = None
+
+  def _first_after_like(self, params, inputs):
+    """Pass 0's ``after`` (a ``ShapeDtypeStruct``) when sequential, else None:
+    shaped like a pass's first output, which every later pass waits on."""
+    if not self.sequential:
+      return None
+    out = jax.eval_shape(self._pass, params, inputs[0], None)
+    return jax.ShapeDtypeStruct(out[0].shape, out[0].dtype)
+
+  def _first_after(self, state, data):
+    if self.sequential and self._first_after_value is None:
+      inputs = jax.eval_shape(self._prepare, state, data)
+      like = self._first_after_like(state.params, inputs)
+      self._first_after_value = jnp.zeros(like.shape, like.dtype)
+    return self._first_after_value
 
   @property
   def num_passes(self) -> int:
@@ -179,11 +233,11 @@ class SplitStep:
 
   def __call__(self, state: TrainState, data):
     return _run(self._prepare, [self._pass] * self.num_passes, self._update,
-                self.sequential, state, data)
+                self._first_after(state, data), state, data)
 
   def compile(self, state, data, *, step_cache=None, key: str | None = None,
-              workers: int | None = None,
-              compiler_options: dict | None = None) -> CompiledSplitStep:
+              workers: int | None = None, compiler_options: dict | None = None,
+              shared: dict | None = None) -> CompiledSplitStep:
     """Compiles the ``L + 2`` programs, ``workers`` at a time (threads).
 
     ``state`` and ``data`` are arrays or ``jax.ShapeDtypeStruct``s; the
@@ -198,6 +252,11 @@ class SplitStep:
     ``os.cpu_count()``; on the 2-core CPU, where one XLA compile already
     keeps 1.6 cores busy, side by side saves nothing, but costs nothing
     either. ``compiler_options`` are XLA options for every program.
+
+    ``shared``: a dict that the calls for every stage of one run pass in
+    (start it empty). A pass program found there (same loss, chunking,
+    ``sequential``, compiler options and input shapes; see the module
+    docstring) is reused as is; the ones compiled here are added to it.
     """
     if step_cache is not None and not key:
       raise ValueError("SplitStep.compile with a step_cache needs a key describing the step")
@@ -207,9 +266,10 @@ class SplitStep:
       raise ValueError(f"workers must be at least 1, got {workers}")
     inputs = jax.eval_shape(self._prepare, state, data)
     jobs = {"prepare": (self._prepare, (state, data))}
+    first_after = self._first_after_like(state.params, inputs)
     outputs = []
     for k, pass_inputs in enumerate(inputs):
-      after = outputs[-1][0] if self.sequential and k > 0 else None
+      after = outputs[-1][0] if self.sequential and k > 0 else first_after
       args = (state.params, pass_inputs, after)
       jobs[f"pass {k}"] = (self._pass, args)
       outputs.append(jax.eval_shape(self._pass, *args))
@@ -217,6 +277,9 @@ class SplitStep:
     options = f"\ncompiler_options={sorted(compiler_options.items())}" if compiler_options else ""
     cache_keys = {name: f"{key}\nsplit step: {name}{options}" for name in jobs}
     seconds = dict.fromkeys(jobs, 0.0)
+    shared_keys = {name: (self._pass_identity, options, _signature(args))
+                   for name, (_, args) in jobs.items() if name.startswith("pass ")}
+    reused = {name: shared is not None and shared_keys.get(name) in shared for name in jobs}
 
     def timed(name, fn):
       t0 = time.perf_counter()
@@ -226,11 +289,12 @@ class SplitStep:
 
     with concurrent.futures.ThreadPoolExecutor(workers, "mgtrain-split-step") as pool:
       t0 = time.perf_counter()
-      compiled = dict.fromkeys(jobs)
+      compiled = {name: shared[shared_keys[name]] if reused[name] else None for name in jobs}
       if step_cache is not None:
-        compiled = dict(zip(jobs, pool.map(
-            lambda n: timed(n, lambda: step_cache.load(cache_keys[n], *jobs[n][1])), jobs)))
-      hits = {name: c is not None for name, c in compiled.items()}
+        to_load = [name for name in jobs if not reused[name]]
+        compiled.update(zip(to_load, pool.map(
+            lambda n: timed(n, lambda: step_cache.load(cache_keys[n], *jobs[n][1])), to_load)))
+      hits = {name: c is not None and not reused[name] for name, c in compiled.items()}
       t1 = time.perf_counter()
       missing = [name for name in jobs if compiled[name] is None]
       lowered = {n: timed(n, lambda n=n: jobs[n][0].lower(*jobs[n][1])) for n in missing}
@@ -244,10 +308,15 @@ class SplitStep:
 
       compiled.update(zip(missing, pool.map(lambda n: timed(n, lambda: build(n)), missing)))
       t3 = time.perf_counter()
+    if shared is not None:
+      for name, shared_key in shared_keys.items():
+        shared.setdefault(shared_key, compiled[name])
     return CompiledSplitStep(
         compiled["prepare"], [compiled[f"pass {k}"] for k in range(len(inputs))],
-        compiled["update"], self.sequential, hits=hits, seconds=seconds,
-        lower_seconds=t2 - t1, compile_seconds=(t1 - t0) + (t3 - t2))
+        compiled["update"],
+        None if first_after is None else jnp.zeros(first_after.shape, first_after.dtype),
+        hits=hits, reused=reused, seconds=seconds, lower_seconds=t2 - t1,
+        compile_seconds=(t1 - t0) + (t3 - t2))
 
 
 __all__ = ["SplitStep", "CompiledSplitStep"]

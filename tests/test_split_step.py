@@ -136,3 +136,67 @@ def test_train_with_split_step_matches_one_program(tmp_path):
   assert len(list(tmp_path.glob("*.step"))) == 1 + 3 + 4 + 5
   with pytest.raises(ValueError, match="split_step runs on one device"):
     fm.train(**kwargs, split_step=True, mesh=jax.make_mesh((1,), ("data",)))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_stages_share_pass_programs(sequential):
+  """By term, the second stage of a Full-Multiscale schedule reuses the first's
+  pass program for its coarser term (the same program object), and its steps
+  still equal the one-program step's."""
+  _, h, loss_fn, sample_fn, _, state, pool = _problem(levels=2, fuse_meshes=False)
+  params = state().params
+  coarse, fine = fm.full_multiscale_schedule(h, (2, 2))
+  shared = {}
+  compiled = []
+  for stage in (coarse, fine):
+    tx = multiscale(optax.adam(1e-2), len(stage.levels), level_terms=True)
+    state = fm.fresh_state(params, seed=3, tx=tx, level=stage.mesh_level)
+    compiled.append(SplitStep(stage, h, loss_fn, sample_fn, tx, sequential=sequential,
+                              max_pixels_per_chunk=64).compile(state, pool, shared=shared))
+  first, second = compiled
+  assert not any(first.reused.values())
+  assert second.reused == {"prepare": False, "pass 0": False, "pass 1": True, "update": False}
+  assert second.programs["pass 1"] is first.programs["pass 0"]
+  assert len(shared) == 2
+  tx = multiscale(optax.adam(1e-2), 2, level_terms=True)
+  state = lambda: fm.fresh_state(params, seed=3, tx=tx, level=fine.mesh_level)  # noqa: E731
+  reference = _one_program_steps(fine, h, loss_fn, sample_fn, tx, state(), pool, 2,
+                                 sequential=sequential, max_pixels_per_chunk=64)
+  out, s = [], state()
+  for _ in range(2):
+    s, metrics = second(s, pool)
+    out.append(metrics)
+  _assert_same_steps(reference, (s, out), 1e-5)
+
+
+def test_shared_passes_need_the_same_signature():
+  """A pass is not reused across chunkings or by mesh across numbers of terms."""
+  _, h, loss_fn, sample_fn, _, state, pool = _problem(levels=2, fuse_meshes=True)
+  coarse, fine = fm.full_multiscale_schedule(h, (2, 2))
+  for fuse, chunks in ((True, (None, None)), (False, (None, 64))):
+    shared = {}
+    for stage, chunk in zip((coarse, fine), chunks):
+      tx = multiscale(optax.adam(1e-2), len(stage.levels), level_terms=not fuse)
+      s = fm.fresh_state(state().params, seed=3, tx=tx, level=stage.mesh_level)
+      compiled = SplitStep(stage, h, loss_fn, sample_fn, tx, max_pixels_per_chunk=chunk,
+                           fuse_meshes=fuse).compile(s, pool, shared=shared)
+    assert not any(compiled.reused.values())
+    assert len(shared) == 3
+
+
+def test_train_by_term_compiles_one_pass_per_stage(tmp_path):
+  """Full-Multiscale by term with the split step: the same run as one program,
+  and the step cache holds one pass per stage (the others were reused)."""
+  _, h, loss_fn, sample_fn, _, state, pool = _problem(fuse_meshes=False)
+  stages = fm.full_multiscale_schedule(h, (3, 2, 2))
+  kwargs = dict(params=state().params, stages=stages, hierarchy=h, loss_fn=loss_fn,
+                sample_fn=sample_fn, data=pool, make_optimizer=lambda n: optax.adam(1e-2),
+                progress=False, sequential=True)
+  one, history_one = fm.train(**kwargs)
+  split, history_split = fm.train(split_step=True, step_cache=StepCache(tmp_path),
+                                  step_cache_key="tiny", **kwargs)
+  np.testing.assert_allclose(history_one["loss"], history_split["loss"], rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(split.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  # The fresh state, then per stage a prepare, one new pass and an update.
+  assert len(list(tmp_path.glob("*.step"))) == 1 + 3 * 3
