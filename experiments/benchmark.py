@@ -78,9 +78,9 @@ import jax.numpy as jnp
 import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
-from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, build_model, \
-    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, make_loss_fn, \
-    model_conv, resolve_sequential, sample_denoise_batch
+from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, \
+    build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
+    make_loss_fn, model_conv, resolve_sequential, resolve_split_step, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -872,7 +872,8 @@ def _first_reach(evals: list[dict], target: float) -> dict | None:
 def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
                       scales: tuple[int, ...], eval_every: int, workdir: Path,
                       chunk_pixels: int | None, progress=print,
-                      sequential: bool = False, conv_algorithm: str = "auto") -> dict:
+                      sequential: bool = False, conv_algorithm: str = "auto",
+                      split_step: bool = False) -> dict:
   """Section 1d: wall time for Full-Multiscale to reach single-scale's final MSE.
 
   Trains single-scale on the denoising config (``experiments.denoise``) and
@@ -882,6 +883,8 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
   ``eval_every`` steps and at stage ends; "time to target" is the train +
   compile seconds spent up to the first evaluation at or below the target
   (evaluation time excluded). Runs start fresh: ``workdir`` is cleared.
+  ``split_step``: both train with one program per model pass
+  (``experiments.denoise --split-step``, on by default on a one-device CPU).
   """
   import shutil  # pylint: disable=g-import-not-at-top
   from experiments import denoise  # pylint: disable=g-import-not-at-top
@@ -897,7 +900,8 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
     progress(f"  time-to-mse: {name} ...")
     r = denoise.run_strategy(cfg, strategy, workdir / name, data=data, model_name=model,
                              progress=False, chunk_pixels=chunk_pixels,
-                             sequential=sequential, conv_algorithm=conv_algorithm)
+                             sequential=sequential, conv_algorithm=conv_algorithm,
+                             split_step=split_step)
     return {"iterations": [s["iterations"] for s in r["stages"]],
             "work_units": r["work_units"], "final_mse": r["metrics"]["mse"],
             "train_seconds": r["train_seconds"], "compile_seconds": r["compile_seconds"],
@@ -910,7 +914,8 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
   single["time_to_target"] = hit["train_seconds"] + hit["compile_seconds"]
   single["work_units_to_target"] = hit["work_units"]
   out = {"denoise_config": denoise_config, "model": model, "data": data.description,
-         "target_mse": target, "single": single, "full_multiscale": []}
+         "split_step": split_step, "target_mse": target, "single": single,
+         "full_multiscale": []}
   for k in scales:
     cfg = dataclasses.replace(config, fms_coarsest_iterations=k * config.fms_coarsest_iterations)
     fms = run("full-multiscale", cfg, f"full-multiscale-x{k}")
@@ -930,7 +935,9 @@ def bench_time_to_mse(denoise_config: str, model: str, data_dir: str | None,
 def time_to_mse_table(ttm: dict) -> str:
   s = ttm["single"]
   lines = [f"Target: single-scale's final validation MSE {ttm['target_mse']:.4f} "
-           f"({ttm['model']}, config {ttm['denoise_config']}, {ttm['data']}).", "",
+           f"({ttm['model']}, config {ttm['denoise_config']}, {ttm['data']}; "
+           f"{'one program per model pass' if ttm.get('split_step') else 'one program per step'})."
+           , "",
            "| run | iterations | final MSE | reached target | time to target s (train + compile) "
            "| #WU to target | speed-up vs single |", "|---" * 7 + "|",
            f"| single | {s['iterations']} | {s['final_mse']:.4f} | yes | "
@@ -1092,6 +1099,10 @@ def parse_args(argv=None):
   p.add_argument("--ttm-scales", nargs="+", type=int, default=[1, 2, 4],
                  help="time-to-mse: Full-Multiscale iteration multipliers to try, in order")
   p.add_argument("--ttm-eval-every", type=int, default=20)
+  p.add_argument("--ttm-split-step", choices=AUTO_CHOICES, default="auto",
+                 help="time-to-mse: train as experiments.denoise --split-step does (auto: "
+                      "one program per model pass on a one-device CPU, as that CLI runs "
+                      "by default)")
   p.add_argument("--loss-eval-model", default="unet", choices=BENCH_MODELS,
                  help="loss-eval: model (the paper's Table 1 uses the UNet)")
   p.add_argument("--loss-eval-sizes", nargs="+", type=int, default=None,
@@ -1201,7 +1212,7 @@ def main(argv=None) -> dict:
         args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,
         tuple(args.ttm_scales),
         args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential,
-        config.conv_algorithm)
+        config.conv_algorithm, resolve_split_step(args.ttm_split_step))
     md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
            "validation MSE", "", time_to_mse_table(out["time_to_mse"])]
   if "loss-eval" in args.sections:

@@ -133,6 +133,7 @@ def test_time_to_mse_first_reach_and_table():
   assert benchmark._first_reach(evals, 0.1)["step"] == 4
   assert benchmark._first_reach(evals, 0.01) is None
   ttm = {"target_mse": 0.1, "model": "resnet", "denoise_config": "cpu", "data": "d",
+         "split_step": True,
          "single": {"iterations": [8], "final_mse": 0.1, "time_to_target": 40.0,
                     "work_units_to_target": 100.0},
          "full_multiscale": [
@@ -143,6 +144,8 @@ def test_time_to_mse_first_reach_and_table():
   table = benchmark.time_to_mse_table(ttm)
   assert "| Full-Multiscale x1 | [4, 2] | 0.2000 | no (4.0 s spent) |" in table
   assert "| Full-Multiscale x2 | [8, 4] | 0.0900 | yes | 4.0 | 30 | 10.00x |" in table
+  assert "one program per model pass" in table
+  assert "one program per step" in benchmark.time_to_mse_table({**ttm, "split_step": False})
 
 
 @pytest.mark.parametrize("size,evaluations", [(256, 752), (128, 624), (64, 560), (32, 528),
