@@ -43,8 +43,15 @@ With ``sequential`` pass ``k+1``'s inputs depend on pass ``k``'s output
 (:func:`mgtrain.mge.sequence_after`), so it starts only once pass ``k``'s
 program has finished and one pass's activations are alive at a time, as in
 the one-program step's ``sequential`` mode; chunks inside a pass
-(``max_pixels_per_chunk``) follow the same flag. Pass 0 then waits on a
-zero of the same shape, so that every pass has the same signature.
+(``max_pixels_per_chunk``) follow the same flag. Each pass also returns a
+float32 scalar made from its value, which the next pass waits on, and pass 0
+waits on a zero: every pass has one signature, known before any is traced.
+
+Warm starts trace nothing. :meth:`SplitStep.compile` traces the sampling
+program only (to shape the passes' inputs), looks every program up in the
+step cache, and takes the update's input shapes from the loaded (or, on a
+miss, lowered) passes (``out_info``): no model pass is traced twice, and
+none at all when the cache has them.
 
 Passes shared between stages. A pass program depends only on the loss, the
 chunking, ``sequential`` (and, by mesh, the number of terms) and the shapes
@@ -92,7 +99,8 @@ class CompiledSplitStep:
       compiled).
     seconds: per program, the seconds spent on it (load, or lowering and
       compile); the programs compile side by side, so these overlap.
-    lower_seconds: wall seconds of tracing and lowering (0 when all hit).
+    lower_seconds: wall seconds of tracing and lowering, including the
+      sampling program's shape trace (all there is when every program hit).
     compile_seconds: wall seconds of the cache loads and XLA's compiles.
   """
 
@@ -127,8 +135,22 @@ def _run(prepare, passes, update, first_after, state, data):
     out = one_pass(state.params, pass_inputs, after)
     outputs.append(out)
     if first_after is not None:
-      after = out[0]
+      after = out[-1]   # the pass's token
   return update(state, outputs)
+
+
+# What a pass returns last and the next one waits on (``sequential``).
+_TOKEN = jax.ShapeDtypeStruct((), jnp.float32)
+
+
+def _abstract(tree):
+  """Plain ``ShapeDtypeStruct``s (shape, dtype, weak type) of ``tree``'s
+  leaves, without the shardings and layouts that ``out_info`` adds, so that a
+  program's step-cache fingerprint does not depend on where its input shapes
+  came from."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False)),
+      tree)
 
 
 def _identity(fn):
@@ -183,20 +205,24 @@ class SplitStep:
       return mesh_groups(views) if fuse_meshes else views
 
     def one_pass(params, inputs, after):
+      """``(value, grad, token)``; the token is ``sum(value)`` in float32."""
       if after is not None:
         inputs = sequence_after(inputs, after)
       if fuse_meshes:
-        return mesh_value_and_grad(loss_fn, params, inputs, num_terms, max_pixels_per_chunk,
-                                   sequential)
-      return term_value_and_grad(loss_fn, params, inputs, max_pixels_per_chunk, sequential)
+        value, grad = mesh_value_and_grad(loss_fn, params, inputs, num_terms,
+                                          max_pixels_per_chunk, sequential)
+      else:
+        value, grad = term_value_and_grad(loss_fn, params, inputs, max_pixels_per_chunk,
+                                          sequential)
+      return value, grad, jnp.sum(value).astype(_TOKEN.dtype)
 
     def update(state: TrainState, outputs):
       if not fuse_meshes:   # the multiscale transform stacks a list of level terms
-        terms = jnp.stack([value for value, _ in outputs])
-        return apply_gradient(state, stage, tx, [g for _, g in outputs], terms)
+        terms = jnp.stack([value for value, _, _ in outputs])
+        return apply_gradient(state, stage, tx, [g for _, g, _ in outputs], terms)
       total = None
-      for mesh_pass in outputs:
-        total = add_mesh_pass(total, mesh_pass)
+      for value, grad, _ in outputs:
+        total = add_mesh_pass(total, (value, grad))
       terms, grad = total
       return apply_gradient(state, stage, tx, grad, terms)
 
@@ -209,22 +235,10 @@ class SplitStep:
     # ``sequential``, and by mesh the number of terms (the weights' length).
     self._pass_identity = (_identity(loss_fn), max_pixels_per_chunk, sequential, fuse_meshes,
                            num_terms if fuse_meshes else None)
-    self._first_after_value = None
 
-  def _first_after_like(self, params, inputs):
-    """Pass 0's ``after`` (a ``ShapeDtypeStruct``) when sequential, else None:
-    shaped like a pass's first output, which every later pass waits on."""
-    if not self.sequential:
-      return None
-    out = jax.eval_shape(self._pass, params, inputs[0], None)
-    return jax.ShapeDtypeStruct(out[0].shape, out[0].dtype)
-
-  def _first_after(self, state, data):
-    if self.sequential and self._first_after_value is None:
-      inputs = jax.eval_shape(self._prepare, state, data)
-      like = self._first_after_like(state.params, inputs)
-      self._first_after_value = jnp.zeros(like.shape, like.dtype)
-    return self._first_after_value
+  def _first_after(self):
+    """What pass 0 waits on: a zero token when sequential, else None."""
+    return jnp.zeros(_TOKEN.shape, _TOKEN.dtype) if self.sequential else None
 
   @property
   def num_passes(self) -> int:
@@ -233,7 +247,7 @@ class SplitStep:
 
   def __call__(self, state: TrainState, data):
     return _run(self._prepare, [self._pass] * self.num_passes, self._update,
-                self._first_after(state, data), state, data)
+                self._first_after(), state, data)
 
   def compile(self, state, data, *, step_cache=None, key: str | None = None,
               workers: int | None = None, compiler_options: dict | None = None,
@@ -245,9 +259,11 @@ class SplitStep:
     :class:`mgtrain.step_cache.StepCache` each program is first looked up
     under ``key`` plus its name (``key`` must then describe the stage's
     step, as for :meth:`StepCache.compile`), and the ones it lacks are
-    stored once compiled. In three phases: the cache loads (side by side),
-    tracing and lowering what was missing (one after another: tracing holds
-    Python's lock), then XLA's compiles (side by side: they release it).
+    stored once compiled. In phases: the sampling program's shape trace,
+    the cache loads of it and the passes (side by side), tracing and
+    lowering the ones missing (one after another: tracing holds Python's
+    lock), the same for the update (whose input shapes are the passes'
+    outputs), then XLA's compiles (side by side: they release it).
     ``workers`` defaults to the number of programs, at most
     ``os.cpu_count()``; on the 2-core CPU, where one XLA compile already
     keeps 1.6 cores busy, side by side saves nothing, but costs nothing
@@ -264,22 +280,12 @@ class SplitStep:
       workers = min(self.num_passes + 2, os.cpu_count() or 1)
     if workers < 1:
       raise ValueError(f"workers must be at least 1, got {workers}")
-    inputs = jax.eval_shape(self._prepare, state, data)
-    jobs = {"prepare": (self._prepare, (state, data))}
-    first_after = self._first_after_like(state.params, inputs)
-    outputs = []
-    for k, pass_inputs in enumerate(inputs):
-      after = outputs[-1][0] if self.sequential and k > 0 else first_after
-      args = (state.params, pass_inputs, after)
-      jobs[f"pass {k}"] = (self._pass, args)
-      outputs.append(jax.eval_shape(self._pass, *args))
-    jobs["update"] = (self._update, (state, outputs))
     options = f"\ncompiler_options={sorted(compiler_options.items())}" if compiler_options else ""
-    cache_keys = {name: f"{key}\nsplit step: {name}{options}" for name in jobs}
-    seconds = dict.fromkeys(jobs, 0.0)
-    shared_keys = {name: (self._pass_identity, options, _signature(args))
-                   for name, (_, args) in jobs.items() if name.startswith("pass ")}
-    reused = {name: shared is not None and shared_keys.get(name) in shared for name in jobs}
+    cache_keys = {name: f"{key}\nsplit step: {name}{options}"
+                  for name in ("prepare", *(f"pass {k}" for k in range(self.num_passes)),
+                               "update")}
+    seconds = dict.fromkeys(cache_keys, 0.0)
+    lower_s = compile_s = 0.0
 
     def timed(name, fn):
       t0 = time.perf_counter()
@@ -287,18 +293,47 @@ class SplitStep:
       seconds[name] += time.perf_counter() - t0
       return out
 
+    # The passes' inputs: tracing the sampling program is all it takes (the
+    # passes' own signatures need no tracing: see the module docstring).
+    t0 = time.perf_counter()
+    inputs = _abstract(jax.eval_shape(self._prepare, state, data))
+    after = _TOKEN if self.sequential else None
+    jobs = {"prepare": (self._prepare, (state, data)),
+            **{f"pass {k}": (self._pass, (state.params, pass_inputs, after))
+               for k, pass_inputs in enumerate(inputs)}}
+    shared_keys = {name: (self._pass_identity, options, _signature(args))
+                   for name, (_, args) in jobs.items() if name.startswith("pass ")}
+    reused = {name: shared is not None and shared_keys.get(name) in shared
+              for name in cache_keys}
+    lower_s += time.perf_counter() - t0
+
     with concurrent.futures.ThreadPoolExecutor(workers, "mgtrain-split-step") as pool:
+
+      def load(names):
+        if step_cache is None:
+          return {n: None for n in names}
+        return dict(zip(names, pool.map(
+            lambda n: timed(n, lambda: step_cache.load(cache_keys[n], *jobs[n][1])), names)))
+
+      def lower(names):   # one after another: tracing holds Python's lock
+        return {n: timed(n, lambda n=n: jobs[n][0].lower(*jobs[n][1])) for n in names}
+
       t0 = time.perf_counter()
-      compiled = {name: shared[shared_keys[name]] if reused[name] else None for name in jobs}
-      if step_cache is not None:
-        to_load = [name for name in jobs if not reused[name]]
-        compiled.update(zip(to_load, pool.map(
-            lambda n: timed(n, lambda: step_cache.load(cache_keys[n], *jobs[n][1])), to_load)))
-      hits = {name: c is not None and not reused[name] for name, c in compiled.items()}
+      compiled = {name: shared[shared_keys[name]] for name in jobs if reused[name]}
+      compiled.update(load([name for name in jobs if not reused[name]]))
       t1 = time.perf_counter()
-      missing = [name for name in jobs if compiled[name] is None]
-      lowered = {n: timed(n, lambda n=n: jobs[n][0].lower(*jobs[n][1])) for n in missing}
+      lowered = lower([name for name in jobs if compiled[name] is None])
       t2 = time.perf_counter()
+      # The update's inputs are the passes' outputs, as their programs say.
+      outputs = [_abstract((compiled[f"pass {k}"] or lowered[f"pass {k}"]).out_info)
+                 for k in range(self.num_passes)]
+      jobs["update"] = (self._update, (state, outputs))
+      compiled.update(load(["update"]))
+      t3 = time.perf_counter()
+      if compiled["update"] is None:
+        lowered.update(lower(["update"]))
+      t4 = time.perf_counter()
+      hits = {name: compiled[name] is not None and not reused[name] for name in cache_keys}
 
       def build(name):
         if step_cache is None:
@@ -306,17 +341,17 @@ class SplitStep:
         return step_cache.compile_and_store(lowered[name], cache_keys[name], *jobs[name][1],
                                             compiler_options=compiler_options)
 
-      compiled.update(zip(missing, pool.map(lambda n: timed(n, lambda: build(n)), missing)))
-      t3 = time.perf_counter()
+      compiled.update(zip(lowered, pool.map(lambda n: timed(n, lambda: build(n)), lowered)))
+      t5 = time.perf_counter()
+    lower_s += (t2 - t1) + (t4 - t3)
+    compile_s += (t1 - t0) + (t3 - t2) + (t5 - t4)
     if shared is not None:
       for name, shared_key in shared_keys.items():
         shared.setdefault(shared_key, compiled[name])
     return CompiledSplitStep(
-        compiled["prepare"], [compiled[f"pass {k}"] for k in range(len(inputs))],
-        compiled["update"],
-        None if first_after is None else jnp.zeros(first_after.shape, first_after.dtype),
-        hits=hits, reused=reused, seconds=seconds, lower_seconds=t2 - t1,
-        compile_seconds=(t1 - t0) + (t3 - t2))
+        compiled["prepare"], [compiled[f"pass {k}"] for k in range(self.num_passes)],
+        compiled["update"], self._first_after(), hits=hits, reused=reused, seconds=seconds,
+        lower_seconds=lower_s, compile_seconds=compile_s)
 
 
 __all__ = ["SplitStep", "CompiledSplitStep"]

@@ -104,6 +104,32 @@ def test_split_step_through_step_cache(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_warm_compile_traces_no_model_pass(tmp_path):
+  """From a warm step cache, a fresh SplitStep loads every program without
+  calling the loss (no pass is traced, not even for its shapes), and the
+  loaded step computes what the compiled one did."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2, fuse_meshes=False)
+  calls = []
+
+  def counted_loss(params, batch):
+    calls.append(1)
+    return loss_fn(params, batch)
+
+  def build():
+    return SplitStep(stage, h, counted_loss, sample_fn, tx, sequential=True)
+
+  first = build().compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
+  assert calls and not any(first.hits.values())
+  calls.clear()
+  second = build().compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
+  assert all(second.hits.values()) and not calls
+  a, metrics_a = first(state(), pool)
+  b, metrics_b = second(state(), pool)
+  np.testing.assert_array_equal(metrics_a["terms"], metrics_b["terms"])
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_split_step_errors(tmp_path):
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2)
   split = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)
