@@ -244,8 +244,8 @@ def resolve_split_step(choice: str, one_device: bool = True) -> bool:
   53.7 -> 45.5 s, compiles included; the same validation MSEs; the MGE
   steps' train time 34.6 -> 27.9 s), left the UNet's MGE step at 64^2 as
   fast as one program (2.03 against 2.08 s by term, each alone), and a
-  warm start of that step 18-19 s -> 4.4-4.8 s (by term) and
-  11-12 s -> 3.5-3.8 s (by mesh). It has not run on a GPU,
+  warm start of that step by mesh 10.4-10.9 s -> 3.7-3.9 s (by term
+  5.0-5.5 s split). It has not run on a GPU,
   where one program per step is what beats the PyTorch reference, so auto
   leaves it off there. It needs one device (not ``--devices``,
   ``--distributed`` or ``--level-parallel``).

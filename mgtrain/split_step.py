@@ -27,12 +27,11 @@ equals the one-program step's to float rounding (XLA fuses the programs
 differently).
 
 Why: the UNet's 4-level MGE step by mesh at 64^2 on the 2-core CPU
-(2026-12-05, fresh processes, ``python -m experiments.first_step``): time
-before the first step 84.6 s cold as one program, 70.2 s split (compile
-64.6 -> 56.2 s, trace and lower 9.2 -> 2.8 s); from
-:class:`mgtrain.step_cache.StepCache` 11.0 / 11.9 s as one program (loading
-its 21 MB executable: 8.9 / 9.8 s) and 3.5 / 3.8 s split (the programs
-loaded side by side: 1.56 / 1.55 s). Steps took the same time (by mesh
+(2026-12-05, fresh processes, ``python -m experiments.first_step``, every
+second before the first step counted): 74.1 s cold as one program, 71.1 s
+split (compile 56.4 -> 49.8 s); from :class:`mgtrain.step_cache.StepCache`
+10.4 / 10.9 s as one program (loading its executable: 8.3 / 8.9 s) and
+3.7 / 3.9 s split (the programs loaded side by side: 1.6 s). Steps took the same time (by mesh
 1.90 against 1.87 s, 10 interleaved rounds of ``python -m
 experiments.levers``; by term, each alone, 2.08 against 2.03 s). Their
 programs also compile side by side (:meth:`SplitStep.compile`,
