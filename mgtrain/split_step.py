@@ -31,9 +31,10 @@ Why: the UNet's 4-level MGE step by mesh at 64^2 on the 2-core CPU
 second before the first step counted): 74.1 s cold as one program, 71.1 s
 split (compile 56.4 -> 49.8 s); from :class:`mgtrain.step_cache.StepCache`
 10.4 / 10.9 s as one program (loading its executable: 8.3 / 8.9 s) and
-3.7 / 3.9 s split (the programs loaded side by side: 1.6 s). Steps took the same time (by mesh
-1.90 against 1.87 s, 10 interleaved rounds of ``python -m
-experiments.levers``; by term, each alone, 2.08 against 2.03 s). Their
+3.7 / 3.9 s split (the programs loaded side by side: 1.6 s). Steps took
+the same time (by mesh 1.90 against 1.87 s, 10 interleaved rounds of
+``python -m experiments.levers``; by term, each alone, 2.08 against
+2.03 s). Their
 programs also compile side by side (:meth:`SplitStep.compile`,
 ``workers``), which pays on a machine with idle cores; on this 2-core CPU
 one XLA compile already keeps 1.6 cores busy.
@@ -324,8 +325,9 @@ class SplitStep:
       lowered = lower([name for name in jobs if compiled[name] is None])
       t2 = time.perf_counter()
       # The update's inputs are the passes' outputs, as their programs say.
-      outputs = [_abstract((compiled[f"pass {k}"] or lowered[f"pass {k}"]).out_info)
-                 for k in range(self.num_passes)]
+      outputs = [_abstract(lowered[name].out_info if name in lowered else
+                           compiled[name].out_info)
+                 for name in (f"pass {k}" for k in range(self.num_passes))]
       jobs["update"] = (self._update, (state, outputs))
       compiled.update(load(["update"]))
       t3 = time.perf_counter()
