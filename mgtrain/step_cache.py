@@ -197,21 +197,17 @@ class StepCache:
     """The cached ``jax.stages.Compiled`` for ``key`` and ``args``, or None."""
     return self._read(self.path(key, *args), args)
 
-  def store(self, compiled, key: str, *args) -> Path | None:
-    """Writes ``compiled`` (atomically); returns the path, or None when the
-    backend cannot serialize its executables. ``compiled`` must not come
-    from JAX's persistent cache (module docstring): to compile and store,
-    use :meth:`compile_and_store`."""
-    return self._write(compiled, self.path(key, *args))
-
   def compile_and_store(self, lowered, key: str, *args,
                         compiler_options: dict | None = None):
     """Compiles ``lowered`` (a ``jax.stages.Lowered`` of ``args``) and stores
     it under ``key`` and ``args``; returns the compiled program. For callers
     that lower the program themselves (to time tracing apart, or to compile
-    several programs side by side); :meth:`compile` does both steps."""
+    several programs side by side); :meth:`compile` does both steps. There
+    is no public store of an already compiled program: one that JAX's
+    persistent cache served would be stored without its kernels (module
+    docstring)."""
     compiled = _compile_whole(lowered, compiler_options)
-    self.store(compiled, key, *args)
+    self._write(compiled, self.path(key, *args))
     return compiled
 
   @staticmethod
