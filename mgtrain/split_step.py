@@ -166,7 +166,7 @@ def _identity(fn):
 def _signature(args) -> tuple:
   """What a compiled program's inputs must match: tree structure, shapes,
   dtypes and weak types of ``args`` (arrays or ``jax.ShapeDtypeStruct``s)."""
-  leaves, tree = jax.tree.flatten(jax.eval_shape(lambda *a: a, *args))
+  leaves, tree = jax.tree.flatten(_abstract(args))
   return tree, tuple((leaf.shape, leaf.dtype, leaf.weak_type) for leaf in leaves)
 
 

@@ -222,7 +222,7 @@ print(int(hit), float(compiled(x).sum()), float(jax.jit(f)(x).sum()))
 """
 
 
-@pytest.mark.parametrize("how", ["compile", "store"])
+@pytest.mark.parametrize("how", ["compile", "load-then-compile_and_store"])
 def test_an_entry_written_after_a_jax_cache_hit_loads_in_a_new_process(tmp_path, how):
   """With JAX's persistent cache on: process 1 fills it (and step cache A);
   process 2 misses step cache B but hits JAX's cache, and must still write
