@@ -137,7 +137,14 @@ def term_loss(loss_fn: LossFn, params, views: tuple[Any, ...]) -> jax.Array:
   return value
 
 
-def _batch_and_pixels(views) -> tuple[int, int]:
+def batch_and_pixels(views) -> tuple[int, int]:
+  """``(samples, pixels per image)`` of a term's views (of their first view's
+  leaves: the batch axis, and the largest image among the 4-D leaves), the
+  figures :func:`chunk_size` takes.
+
+  >>> batch_and_pixels(({"u": jnp.zeros((6, 8, 8, 3)), "t": jnp.zeros((6,))},))
+  (6, 64)
+  """
   leaves = jax.tree.leaves(views[0])
   images = [x for x in leaves if jnp.ndim(x) == 4]
   n = jnp.shape(leaves[0])[0]
@@ -189,6 +196,8 @@ def sequence_after(batch, done):
 
 # Chunks are unrolled (a rolled lax.scan ran 20x slower on CPU), so compile
 # time and program size grow with their number; past this many, chunks grow.
+# (mgtrain.split_step compiles one chunk program and calls it per chunk, so
+# it does not cap them.)
 MAX_CHUNKS = 16
 
 
@@ -232,7 +241,7 @@ def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None =
   batch-28 step took 34.6 s. ``sequential`` is passed to
   :func:`sum_over_chunks`.
   """
-  n, pixels = _batch_and_pixels(views)
+  n, pixels = batch_and_pixels(views)
   c = chunk_size(n, pixels, max_pixels)
   vg = jax.value_and_grad(lambda p, v: term_loss(loss_fn, p, v))
   if c == n:
@@ -256,15 +265,24 @@ def sum_over_chunks(fn: Callable, batch, num_chunks: int, sequential: bool = Fal
   b240 step at 256^2 in 16 chunks: 6.03 GB, 1.2 chunks' worth). The sum is
   the same either way.
   """
-  chunks = jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), batch)
   total = out = None
-  for i in range(num_chunks):
-    chunk = jax.tree.map(lambda x: x[i], chunks)
+  for chunk in split_chunks(batch, num_chunks):
     if sequential and out is not None:
       chunk = sequence_after(chunk, out)
     out = fn(chunk)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
   return total
+
+
+def split_chunks(batch, num_chunks: int) -> list:
+  """``batch`` cut into ``num_chunks`` equal, consecutive sub-batches (every
+  leaf along its leading axis, which ``num_chunks`` must divide).
+
+  >>> [c["x"].tolist() for c in split_chunks({"x": jnp.arange(6)}, 3)]
+  [[0, 1], [2, 3], [4, 5]]
+  """
+  chunks = jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), batch)
+  return [jax.tree.map(lambda x: x[i], chunks) for i in range(num_chunks)]
 
 
 def mge_value_and_grad(loss_fn: LossFn, params, batches: Sequence[Any],
@@ -437,7 +455,7 @@ def mesh_value_and_grad(loss_fn: LossFn, params, group, num_terms: int,
     return jnp.sum(per_term), per_term
 
   vg = jax.value_and_grad(weighted, has_aux=True)
-  n, pixels = _batch_and_pixels((group[0],))
+  n, pixels = batch_and_pixels((group[0],))
   c = chunk_size(n, pixels, max_pixels_per_chunk)
   if c == n:
     (_, per_term), grad = vg(params, group)
@@ -465,5 +483,6 @@ def combine_level_grads(level_grads):
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
            "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS", "sum_over_chunks",
+           "split_chunks", "batch_and_pixels",
            "mesh_groups", "mesh_value_and_grad", "add_mesh_pass", "mge_value_and_grad_by_mesh",
            "sequence_after"]

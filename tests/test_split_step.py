@@ -61,6 +61,8 @@ def test_split_step_matches_one_program(fuse_meshes, subsample, sequential, chun
                     sequential=sequential, fuse_meshes=fuse_meshes)
   compiled = split.compile(state(), pool)
   assert set(compiled.hits) == {"prepare", "pass 0", "pass 1", "pass 2", "update"}
+  # With a chunk size, some pass runs as several calls of its chunk program.
+  assert (max(compiled.chunks) > 1) == (chunk is not None)
   assert not any(compiled.hits.values())
   out = []
   s = state()
@@ -128,6 +130,38 @@ def test_warm_compile_traces_no_model_pass(tmp_path):
   np.testing.assert_array_equal(metrics_a["terms"], metrics_b["terms"])
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("fuse_meshes", [True, False])
+def test_chunked_pass_is_one_program_called_per_chunk(fuse_meshes):
+  """A chunked pass compiles one chunk program (the loss is traced as often as
+  for the unchunked step, not once per chunk), and its calls add up to the
+  one-program step's chunked sum, past MAX_CHUNKS chunks too."""
+  stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2, fuse_meshes=fuse_meshes)
+  stage = fm.Stage(stage.levels, (20, 10), stage.iterations)   # 20 and 30 samples a pass
+  calls = []
+
+  def counted_loss(params, batch):
+    calls.append(1)
+    return loss_fn(params, batch)
+
+  traces = {}
+  for chunk in (None, 64):
+    calls.clear()
+    split = SplitStep(stage, h, counted_loss, sample_fn, tx, max_pixels_per_chunk=chunk,
+                      sequential=True, fuse_meshes=fuse_meshes)
+    compiled = split.compile(state(), pool)
+    traces[chunk] = len(calls)
+  assert traces[64] == traces[None]
+  assert max(compiled.chunks) > 16   # the one-program step caps its unrolled chunks at 16
+  reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 2,
+                                 sequential=True, max_pixels_per_chunk=64,
+                                 fuse_meshes=fuse_meshes)
+  out, s = [], state()
+  for _ in range(2):
+    s, metrics = compiled(s, pool)
+    out.append(metrics)
+  _assert_same_steps(reference, (s, out), 1e-5)
 
 
 def test_split_step_errors(tmp_path):
