@@ -106,10 +106,11 @@ def test_split_step_through_step_cache(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_warm_compile_traces_no_model_pass(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_warm_compile_traces_no_model_pass(tmp_path, chunk):
   """From a warm step cache, a fresh SplitStep loads every program without
   calling the loss (no pass is traced, not even for its shapes), and the
-  loaded step computes what the compiled one did."""
+  loaded step computes what the compiled one did (chunk programs too)."""
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem(levels=2, fuse_meshes=False)
   calls = []
 
@@ -118,10 +119,12 @@ def test_warm_compile_traces_no_model_pass(tmp_path):
     return loss_fn(params, batch)
 
   def build():
-    return SplitStep(stage, h, counted_loss, sample_fn, tx, sequential=True)
+    return SplitStep(stage, h, counted_loss, sample_fn, tx, sequential=True,
+                     max_pixels_per_chunk=chunk)
 
   first = build().compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
   assert calls and not any(first.hits.values())
+  assert (max(first.chunks) > 1) == (chunk is not None)
   calls.clear()
   second = build().compile(state(), pool, step_cache=StepCache(tmp_path), key="tiny")
   assert all(second.hits.values()) and not calls
