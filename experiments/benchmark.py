@@ -18,7 +18,9 @@ Sections (``--sections``):
   - ``mge{L}_by_mesh``: the same estimate with one pass per mesh
     (:func:`mgtrain.mge.mge_value_and_grad_by_mesh`; ``--mge`` picks);
   - with ``--split-step``, each MGE step as one program per model pass
-    (:class:`mgtrain.split_step.SplitStep`; keys ending ``_split``);
+    (:class:`mgtrain.split_step.SplitStep`; keys ending ``_split``), and with
+    ``--split-single`` the single-scale steps too (same keys; a chunked
+    batch is then one chunk program called per chunk);
   - ``single_b{sum N_j}``: single-scale on the same number of samples.
 
   Models: ``resnet``, ``mfc-resnet``, ``mfc-pairwise-resnet``, ``unet`` and
@@ -245,6 +247,7 @@ def _compile_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
     plans = [_memory(c) for c in compiled.programs.values()]
     memory = {k: max((m[k] for m in plans if m[k] is not None), default=None)
               for k in ("temp_bytes", "peak_bytes")}
+    memory["pass_chunk_calls"] = list(compiled.chunks)   # per pass, calls per step
   else:
     t0 = time.perf_counter()
     lowered = jitted.lower(state, pool)
@@ -336,10 +339,12 @@ def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> in
 def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
                 accumulate_same: int = 0, sequential: bool = False,
-                split_step: bool = False, settle: int = 0) -> list[dict]:
+                split_step: bool = False, settle: int = 0,
+                split_single: bool = False) -> list[dict]:
   """Section 1a. ``mge_modes``: ``terms`` (one pass per term, the per-level
   statistics kept) and/or ``by-mesh`` (one pass per mesh); with
-  ``split_step`` each as one program per pass. ``same_samples=False``
+  ``split_step`` each as one program per pass (with ``split_single`` the
+  single-scale steps too). ``same_samples=False``
   leaves out single-scale on the MGE step's samples (the slowest step), and
   with it the speed, #WU and memory ratios. That step is split into
   ``accumulate_same`` micro-batches with gradient accumulation (0: only when
@@ -381,9 +386,11 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           # Sequential chunks plan one chunk's memory, for both batches.
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
           live, live_small = total, config.base_batch
-          if sequential and chunk_pixels:
-            live = chunk_size(total, size * size, chunk_pixels)
-            live_small = chunk_size(config.base_batch, size * size, chunk_pixels)
+          if (sequential or split_single) and chunk_pixels:
+            # A split step's chunks are uncapped and always one after another.
+            cap = {"max_chunks": None} if split_single else {}
+            live = chunk_size(total, size * size, chunk_pixels, **cap)
+            live_small = chunk_size(config.base_batch, size * size, chunk_pixels, **cap)
           estimate = small * live // live_small if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())
@@ -395,7 +402,8 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
                                               chunk_pixels, fuse, accumulate=accumulate,
                                               sequential=sequential,
-                                              split_step=key.endswith("_split"))
+                                              split_step=key.endswith("_split") or
+                                              (split_single and key.startswith("single_")))
         progress(f"    compile {row[key]['compile_seconds']:.1f} s, "
                  f"temp {row[key]['temp_bytes']} B")
       progress(f"  {model_name} {size}^2: {config.repeats} interleaved rounds of "
@@ -991,7 +999,9 @@ def steps_table(rows: list[dict]) -> str:
     return ""
   levels = rows[0]["levels"]
   keys = [k for k in rows[0] if k.startswith(("single_b", "mge"))]
-  head = " | ".join(f"{k} s/step (compile s)" for k in keys)
+  # --split-single: single-scale steps split too, under their usual keys.
+  head = " | ".join(f"{k}{' split' if rows[0][k].get('split_step') and not k.endswith('_split') else ''}"
+                    " s/step (compile s)" for k in keys)
   lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | per round "
            "(min-max) | #WU ratio | mge / single-same in base steps: time (#WU) "
            "| working memory mge / single-same | working memory GB "
@@ -1075,6 +1085,10 @@ def parse_args(argv=None):
                       "(mgtrain.split_step; experiments.denoise does this by default on "
                       "CPU). Off here, so that the tables time the one-program step unless "
                       "asked")
+  p.add_argument("--split-single", action="store_true",
+                 help="steps: the single-scale steps as one program per model pass too "
+                      "(a chunked batch: one chunk program called per chunk, which "
+                      "compiles one chunk whatever their number)")
   add_sequential_argument(p)
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
@@ -1189,6 +1203,7 @@ def main(argv=None) -> dict:
                           same_samples=not args.skip_same_samples,
                           accumulate_same=args.same_samples_accumulate,
                           sequential=sequential, split_step=args.split_step,
+                          split_single=args.split_single,
                           settle=args.settle)
       if bracket and "skipped" in before:
         torch_skipped = before

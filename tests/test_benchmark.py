@@ -41,6 +41,20 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert "one after another" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_split_single_times_every_step_split_with_chunk_programs(tmp_path):
+  """--split-step --split-single: single-scale steps split too; at 16^2 with
+  chunks of 2 images single b3 needs 3 chunk calls (an odd batch: chunks of 1)."""
+  benchmark.main(["--config", "smoke", "--repeats", "1", "--sections", "steps", "--mge",
+                  "by-mesh", "--split-step", "--split-single", "--chunk-pixels", "512",
+                  "--workdir", str(tmp_path)])
+  (row,) = json.loads((tmp_path / "benchmark.json").read_text())["steps"]
+  assert all(row[k]["split_step"] for k in ("single_b1", "mge2_by_mesh_split", "single_b3"))
+  assert row["single_b3"]["pass_chunk_calls"] == [3]
+  assert row["single_b1"]["pass_chunk_calls"] == [1]
+  assert row["speed_ratio"] > 0
+  assert "single_b3 split s/step" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_in_base_steps_is_the_median_quotient_per_round():
   base = {"samples": [1.0, 2.0, 1.0], "work_units_per_step": 16}
   mge = {"samples": [2.5, 4.4, 2.2], "work_units_per_step": 37}
