@@ -1223,11 +1223,14 @@ def main(argv=None) -> dict:
            + ("; at each size the mean of a run just before and one just after JAX's steps)"
               if bracket else ")"), "", torch_table(out["torch"], out.get("steps", []))]
   if "time-to-mse" in args.sections:
+    ttm_config = DENOISE_CONFIGS[args.ttm_config or config.denoise_config]
     out["time_to_mse"] = bench_time_to_mse(
-        args.ttm_config or config.denoise_config, args.ttm_model, args.ttm_data_dir,
+        ttm_config.name, args.ttm_model, args.ttm_data_dir,
         tuple(args.ttm_scales),
         args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential,
-        config.conv_algorithm, resolve_split_step(args.ttm_split_step))
+        config.conv_algorithm,
+        resolve_split_step(args.ttm_split_step,
+                           finest_pass_pixels=ttm_config.base_batch * ttm_config.size ** 2))
     md += ["", "Full-Multiscale vs single-scale: wall time to single-scale's final "
            "validation MSE", "", time_to_mse_table(out["time_to_mse"])]
   if "loss-eval" in args.sections:

@@ -235,8 +235,17 @@ def resolve_compile_ahead(choice: str) -> bool:
   return _resolve_auto("compile-ahead", choice, auto=jax.default_backend() != "cpu")
 
 
-def resolve_split_step(choice: str, one_device: bool = True) -> bool:
-  """``--split-step auto|on|off``: auto is on for the CPU backend on one device.
+# --split-step auto: the largest finest-mesh MGE pass (N_0 x size^2 samples x
+# pixels) for which the split step is on (see resolve_split_step).
+SPLIT_STEP_AUTO_MAX_PIXELS = 2 ** 17
+
+
+def resolve_split_step(choice: str, one_device: bool = True,
+                       finest_pass_pixels: int | None = None) -> bool:
+  """``--split-step auto|on|off``: auto is on for the CPU backend on one
+  device, where the finest MGE pass holds at most
+  :data:`SPLIT_STEP_AUTO_MAX_PIXELS` samples x pixels (``N_0 x size^2``;
+  ``None``: not checked).
 
   One program per model pass (:mod:`mgtrain.split_step`) gives the same
   updates. On the 2-core CPU (2026-12-05) it cut the ``cpu`` config's run
@@ -249,9 +258,19 @@ def resolve_split_step(choice: str, one_device: bool = True) -> bool:
   where one program per step is what beats the PyTorch reference, so auto
   leaves it off there. It needs one device (not ``--devices``,
   ``--distributed`` or ``--level-parallel``).
+
+  Why the size limit: each program call allocates its working memory
+  afresh, and on this CPU host (a VM whose fresh pages fault on the host)
+  that costs more the bigger the passes. The UNet's MGE step by mesh at
+  128^2 (finest pass 16 x 128^2 = 2^18), separate processes on 2026-12-05:
+  2.24 b16 steps as one program, 3.93 split, and 2.07 split with glibc
+  keeping freed memory (``experiments.runtime``'s heap-reuse tunables);
+  the ResNet's at 128^2 2.49 split against 2.28-2.31. At 64^2 (2^16) the
+  split UNet step was as fast as one program.
   """
+  small = finest_pass_pixels is None or finest_pass_pixels <= SPLIT_STEP_AUTO_MAX_PIXELS
   return _resolve_auto("split-step", choice,
-                       auto=jax.default_backend() == "cpu" and one_device)
+                       auto=jax.default_backend() == "cpu" and one_device and small)
 
 
 def _resolve_auto(flag: str, choice: str, auto: bool) -> bool:
@@ -577,7 +596,9 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   one_device = not (args.level_parallel or args.distributed
                     or args.devices not in (None, 1))
-  split_step = resolve_split_step(args.split_step, one_device)
+  config = get_config(args.config)
+  split_step = resolve_split_step(args.split_step, one_device,
+                                  config.base_batch * config.size ** 2)
   if args.level_parallel and (args.mge == "by-mesh" or args.distributed):
     raise SystemExit("--level-parallel runs the MGE terms separately: it cannot be "
                      "combined with --mge by-mesh or --distributed")
@@ -590,7 +611,6 @@ def main(argv=None) -> dict:
     print(f"distributed: process {info['process_index']} of {info['process_count']}, "
           f"{info['global_devices']} devices in all", file=sys.stderr)
   runtime.enable_compilation_cache(args.compile_cache)
-  config = get_config(args.config)
   overrides = {}
   if args.iterations is not None:
     overrides.update(iterations=args.iterations, fms_coarsest_iterations=args.iterations)

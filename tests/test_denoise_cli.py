@@ -102,6 +102,19 @@ def test_bad_config_name():
     denoise.main(["--config", "huge"])
 
 
+def test_split_step_auto_is_off_for_big_passes():
+  """auto stays off where the finest MGE pass exceeds the limit (on stays on)."""
+  limit = denoise.SPLIT_STEP_AUTO_MAX_PIXELS
+  assert denoise.resolve_split_step("auto", True, limit) is True
+  assert denoise.resolve_split_step("auto", True, limit + 1) is False
+  assert denoise.resolve_split_step("auto", False, 1) is False
+  assert denoise.resolve_split_step("on", True, limit + 1) is True
+  # The configs: cpu (4 x 32^2), cpu4 (2 x 64^2) and paper (16 x 64^2) run split on CPU.
+  for name in ("cpu", "cpu4", "paper"):
+    c = denoise.get_config(name)
+    assert denoise.resolve_split_step("auto", True, c.base_batch * c.size ** 2) is True
+
+
 # auto on the CPU the tests run on: sequential passes on, compile-ahead off.
 @pytest.mark.parametrize("resolve, flag, auto_on_cpu", [
     (denoise.resolve_sequential, "sequential", True),
