@@ -597,8 +597,8 @@ def main(argv=None) -> dict:
   one_device = not (args.level_parallel or args.distributed
                     or args.devices not in (None, 1))
   config = get_config(args.config)
-  split_step = resolve_split_step(args.split_step, one_device,
-                                  config.base_batch * config.size ** 2)
+  base_batch = args.base_batch if args.base_batch is not None else config.base_batch
+  split_step = resolve_split_step(args.split_step, one_device, base_batch * config.size ** 2)
   if args.level_parallel and (args.mge == "by-mesh" or args.distributed):
     raise SystemExit("--level-parallel runs the MGE terms separately: it cannot be "
                      "combined with --mge by-mesh or --distributed")
