@@ -38,7 +38,12 @@ the same time (by mesh 1.90 against 1.87 s, 10 interleaved rounds of
 2.03 s). Their
 programs also compile side by side (:meth:`SplitStep.compile`,
 ``workers``), which pays on a machine with idle cores; on this 2-core CPU
-one XLA compile already keeps 1.6 cores busy.
+one XLA compile already keeps 1.6 cores busy. Big passes are where it
+loses: every program call allocates its working memory afresh, and on this
+VM fresh memory faults slowly. The UNet's step by mesh at 128^2 cost 3.93
+single-scale b16 steps split against 2.24 as one program, and 2.07 split
+with glibc keeping freed memory (``experiments.denoise.resolve_split_step``
+turns ``--split-step auto`` off there).
 
 Chunked passes are one program called once per chunk. Where
 ``max_pixels_per_chunk`` splits a pass's batch into ``k`` chunks, the
