@@ -1000,8 +1000,9 @@ def steps_table(rows: list[dict]) -> str:
   levels = rows[0]["levels"]
   keys = [k for k in rows[0] if k.startswith(("single_b", "mge"))]
   # --split-single: single-scale steps split too, under their usual keys.
-  head = " | ".join(f"{k}{' split' if rows[0][k].get('split_step') and not k.endswith('_split') else ''}"
-                    " s/step (compile s)" for k in keys)
+  split_single = {k for k in keys if rows[0][k].get("split_step") and not k.endswith("_split")}
+  head = " | ".join(f"{k}{' split' if k in split_single else ''} s/step (compile s)"
+                    for k in keys)
   lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | per round "
            "(min-max) | #WU ratio | mge / single-same in base steps: time (#WU) "
            "| working memory mge / single-same | working memory GB "

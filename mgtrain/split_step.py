@@ -261,16 +261,17 @@ class SplitStep:
       first = jnp.zeros(_TOKEN.shape, _TOKEN.dtype) if sequential else None
       return per_pass, accumulators, first
 
-    def value_and_grad(params, inputs, max_pixels):
+    def value_and_grad(params, inputs):
+      """One program call's batch, whole (``prepare`` did the chunking)."""
       if fuse_meshes:
-        return mesh_value_and_grad(loss_fn, params, inputs, num_terms, max_pixels, sequential)
-      return term_value_and_grad(loss_fn, params, inputs, max_pixels, sequential)
+        return mesh_value_and_grad(loss_fn, params, inputs, num_terms)
+      return term_value_and_grad(loss_fn, params, inputs)
 
     def one_pass(params, inputs, after):
       """``(value, grad, token)``; the token is ``sum(value)`` in float32."""
       if after is not None:
         inputs = sequence_after(inputs, after)
-      value, grad = value_and_grad(params, inputs, None)   # pass_chunks found one chunk
+      value, grad = value_and_grad(params, inputs)
       return value, grad, jnp.sum(value).astype(_TOKEN.dtype)
 
     def chunk_pass(params, chunk, acc, after):
@@ -279,7 +280,7 @@ class SplitStep:
       :func:`mgtrain.mge.sum_over_chunks`, in the same order)."""
       if after is not None:
         chunk = sequence_after(chunk, after)
-      value, grad = value_and_grad(params, chunk, None)
+      value, grad = value_and_grad(params, chunk)
       value = acc[0] + value.astype(jnp.float32)
       return value, jax.tree.map(jnp.add, acc[1], grad), jnp.sum(value).astype(_TOKEN.dtype)
 
