@@ -16,5 +16,18 @@ def relative_error(a, b):
 
 
 def primitives(fn, *args):
-  """Names of the primitives in ``fn``'s top-level jaxpr."""
-  return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+  """Names of the primitives in ``fn``'s jaxpr, and in the jaxprs nested in it
+  (a ``custom_vjp_call``'s function, a loop's body)."""
+  names = set()
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      names.add(str(e.primitive))
+      for value in e.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(v, "jaxpr", v)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names

@@ -11,6 +11,10 @@ convolution are faster on some layers:
   layers wide and big enough for its transforms to pay off (about 2x faster
   at 128 channels from 1,024 batch x pixels).
 
+The rest, and every other convolution passed through it (1x1, strided),
+are direct, through :func:`mgtrain.nn.direct_conv.direct_conv`: XLA's
+convolution, with a kernel gradient that stays fast inside a loop body.
+
 :class:`Conv3x3Dispatch` is a drop-in ``lax.conv_general_dilated`` for
 ``flax.linen.Conv`` that picks among the three (``standard_conv(...,
 algorithm='winograd')`` builds that layer; ``'auto'`` does on CPU).
@@ -32,6 +36,7 @@ import math
 
 import jax
 
+from mgtrain.nn.direct_conv import direct_conv
 from mgtrain.nn.im2col import im2col_conv3x3
 from mgtrain.nn.winograd import SUPPORTED_DTYPES, winograd_conv3x3
 
@@ -63,8 +68,10 @@ class Conv3x3Dispatch:
   the same key). Every stride-1 ``SAME`` 3x3 NHWC convolution whose operands
   share a dtype (and whose ``preferred_element_type`` is that dtype or
   unset) is computed by the algorithm :meth:`choose` names; anything else
-  (strides, dilation, groups, other kernels) goes to
-  ``lax.conv_general_dilated`` unchanged. A frozen dataclass rather than a
+  (strides, dilation, groups, other kernels) is direct, through
+  :func:`mgtrain.nn.direct_conv.direct_conv` (``lax.conv_general_dilated``'s
+  values; its kernel gradient is a forward convolution, which XLA's CPU
+  compiler keeps fast inside loops). A frozen dataclass rather than a
   function so that the module's ``repr`` (a step-cache key) is the same in
   every process.
 
@@ -145,7 +152,7 @@ class Conv3x3Dispatch:
       return im2col_conv3x3(lhs, rhs, precision=precision)
     if algorithm == "winograd":
       return winograd_conv3x3(lhs, rhs)
-    return jax.lax.conv_general_dilated(
+    return direct_conv(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,

@@ -66,6 +66,24 @@ def resolve_conv_algorithm(algorithm: str) -> str:
   return algorithm
 
 
+def dispatched_conv_kwargs(algorithm: str = "auto") -> dict:
+  """``flax.linen.Conv`` keyword arguments for a conv made outside the factory.
+
+  A model's 1x1 maps and strided convs are ``nn.Conv`` layers of their own.
+  Where ``algorithm`` resolves to ``'winograd'`` (``'auto'``: on CPU) they
+  go through :class:`mgtrain.nn.conv_dispatch.Conv3x3Dispatch` too, which
+  computes them directly with a kernel gradient that stays fast inside a
+  loop body (:mod:`mgtrain.nn.direct_conv`); elsewhere they are Flax's
+  default. The parameters are the same either way.
+
+  >>> sorted(dispatched_conv_kwargs("winograd")), dispatched_conv_kwargs("direct")
+  (['conv_general_dilated'], {})
+  """
+  if resolve_conv_algorithm(algorithm) == "winograd":
+    return {"conv_general_dilated": Conv3x3Dispatch()}
+  return {}
+
+
 def standard_conv(features: int, kernel_size: int, *, name: str | None = None,
                   algorithm: str = "auto", **kwargs) -> nn.Module:
   """A ``kernel_size x kernel_size`` convolution, stride 1, 'SAME' padding, bias.
@@ -81,8 +99,7 @@ def standard_conv(features: int, kernel_size: int, *, name: str | None = None,
   channels 1,024 pixels, from 192 channels 2,048); other layers, kernel
   sizes, strides and dtypes stay direct.
   """
-  if resolve_conv_algorithm(algorithm) == "winograd":
-    kwargs["conv_general_dilated"] = Conv3x3Dispatch()
+  kwargs.update(dispatched_conv_kwargs(algorithm))
   return nn.Conv(features, (kernel_size, kernel_size), padding="SAME",
                  name=name, **kwargs)
 

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mgtrain.nn.convs import standard_conv, with_dtype
+from mgtrain.nn.convs import dispatched_conv_kwargs, standard_conv, with_dtype
 from mgtrain.nn.embeddings import TimeEmbedding
 
 
@@ -100,11 +100,12 @@ class ResNet(nn.Module):
       # The time embedding has 2*32 + 64 = 128 features by construction.
       raise ValueError("the reference time embedding has 128 features; "
                        f"features={self.features} is not supported")
-    x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="lift")(u)
+    x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="lift",
+                **dispatched_conv_kwargs())(u)
     for i in range(self.blocks):
       x = ResBlock(self.features, self.conv, self.dtype, name=f"block_{i}")(x, t)
     return nn.Conv(
-        self.out_channels, (1, 1), dtype=self.dtype, name="project",
+        self.out_channels, (1, 1), dtype=self.dtype, name="project", **dispatched_conv_kwargs(),
         kernel_init=_scaled_init(nn.initializers.lecun_normal(), 1e-3))(x)
 
 

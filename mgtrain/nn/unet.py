@@ -90,7 +90,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mgtrain.nn.convs import standard_conv, with_dtype
+from mgtrain.nn.convs import dispatched_conv_kwargs, standard_conv, with_dtype
 from mgtrain.nn.embeddings import sinusoidal_embedding
 from mgtrain.nn.resnet import count_params
 
@@ -266,7 +266,7 @@ class UNet(nn.Module):
       if level != levels - 1:
         # Stride-2 3x3 conv with PyTorch's padding 1 (not the factory).
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    dtype=self.dtype, name=f"downsample_{level}")(h)
+                    dtype=self.dtype, name=f"downsample_{level}", **dispatched_conv_kwargs())(h)
         skips.append(h)
 
     c = h.shape[-1]
