@@ -387,10 +387,11 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
           live, live_small = total, config.base_batch
           if (sequential or split_single) and chunk_pixels:
-            # A split step's chunks are uncapped and always one after another.
-            cap = {"max_chunks": None} if split_single else {}
-            live = chunk_size(total, size * size, chunk_pixels, **cap)
-            live_small = chunk_size(config.base_batch, size * size, chunk_pixels, **cap)
+            # Sequential chunks (a rolled loop, or a split step's chunk
+            # program) are uncapped and run one after another.
+            live = chunk_size(total, size * size, chunk_pixels, max_chunks=None)
+            live_small = chunk_size(config.base_batch, size * size, chunk_pixels,
+                                    max_chunks=None)
           estimate = small * live // live_small if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())

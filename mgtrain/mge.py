@@ -194,10 +194,10 @@ def sequence_after(batch, done):
                       batch)
 
 
-# Chunks are unrolled (a rolled lax.scan ran 20x slower on CPU), so compile
-# time and program size grow with their number; past this many, chunks grow.
-# (mgtrain.split_step compiles one chunk program and calls it per chunk, so
-# it does not cap them.)
+# Chunks that run side by side (``sequential=False``) are unrolled, so
+# compile time and program size grow with their number; past this many,
+# chunks grow. Sequential chunks are a rolled loop, one copy of the pass
+# whatever their number, and are not capped.
 MAX_CHUNKS = 16
 
 
@@ -225,6 +225,13 @@ def chunk_size(batch: int, pixels: int, max_pixels: int | None,
   return best
 
 
+def chunk_cap(sequential: bool) -> int | None:
+  """:func:`chunk_size`'s ``max_chunks`` for chunks run as :func:`sum_over_chunks`
+  runs them: rolled (``sequential``) chunks are uncapped, unrolled ones
+  capped at :data:`MAX_CHUNKS`."""
+  return None if sequential else MAX_CHUNKS
+
+
 def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None = None,
                         sequential: bool = False):
   """``value_and_grad`` of :func:`term_loss`, accumulated over equal sub-batches.
@@ -236,13 +243,12 @@ def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None =
   ``experiments.runtime`` sets), the reference ResNet's single-scale b240
   step at 64^2 took 43.7 s whole and 35.4 s in 4 chunks of 60 images. (With
   jaxlib's YNNPACK kernels the effect is much larger: a batch-28 step at
-  32^2 went from 4.13 s to 1.57 s in chunks of 8 x 32 x 32.) The chunk loop
-  is unrolled: as a rolled ``lax.scan`` (an XLA while loop) that same
-  batch-28 step took 34.6 s. ``sequential`` is passed to
-  :func:`sum_over_chunks`.
+  32^2 went from 4.13 s to 1.57 s in chunks of 8 x 32 x 32.)
+  ``sequential`` is passed to :func:`sum_over_chunks` (and uncaps the
+  number of chunks, :func:`chunk_cap`).
   """
   n, pixels = batch_and_pixels(views)
-  c = chunk_size(n, pixels, max_pixels)
+  c = chunk_size(n, pixels, max_pixels, chunk_cap(sequential))
   vg = jax.value_and_grad(lambda p, v: term_loss(loss_fn, p, v))
   if c == n:
     return vg(params, views)
@@ -254,24 +260,50 @@ def term_value_and_grad(loss_fn: LossFn, params, views, max_pixels: int | None =
 def sum_over_chunks(fn: Callable, batch, num_chunks: int, sequential: bool = False):
   """``sum_i fn(chunk_i)`` over ``num_chunks`` equal sub-batches of ``batch``.
 
-  The loop is unrolled (see :func:`term_value_and_grad`). On its own it buys
-  speed, not memory: XLA's CPU scheduler runs the chunks side by side, so
-  the program plans as much working memory as for the whole batch (ResNet
-  fwd+bwd, 64 x 32^2: 304 MB whole, 311 MB in 8 chunks, with or without an
-  ``optimization_barrier``, which XLA's CPU pipeline removes; 38 MB for one
-  chunk alone). With ``sequential`` chunk ``i+1`` starts only once chunk
-  ``i``'s output exists (:func:`sequence_after`), so the program plans
-  about one chunk's working memory (the reference ResNet's single-scale
-  b240 step at 256^2 in 16 chunks: 6.03 GB, 1.2 chunks' worth). The sum is
-  the same either way.
+  ``sequential=False`` unrolls the chunks. That buys speed, not memory:
+  XLA's CPU scheduler runs them side by side, so the program plans as much
+  working memory as for the whole batch (ResNet fwd+bwd, 64 x 32^2: 304 MB
+  whole, 311 MB in 8 chunks, with or without an ``optimization_barrier``,
+  which XLA's CPU pipeline removes; 38 MB for one chunk alone), and it
+  holds one copy of ``fn`` per chunk.
+
+  ``sequential=True`` runs them one after another as a rolled loop
+  (``lax.fori_loop`` over dynamic slices of ``batch``, the sum as its
+  carry): the program plans one chunk's working memory and holds one copy
+  of ``fn``, so its compile time does not grow with ``num_chunks``. The
+  chunks are added in the same order as unrolled. On CPU the loop is as
+  fast as unrolled sequential chunks once the models' direct convolutions
+  compute their kernel gradients as forward convolutions
+  (:mod:`mgtrain.nn.direct_conv`; before that, a rolled loop ran 3x slower
+  for the UNet and 20-60x for an earlier ResNet). One process, interleaved
+  rounds, single-scale b240 fwd+bwd: the UNet at 64^2 in 4 chunks of 60,
+  12.53 s rolled against 13.16 s unrolled (compile 17 s against 44 s); the
+  ResNet at 128^2 in 15 chunks of 16, 38.0 s against 36.5 s (compile 2.7 s
+  against 17.1 s; ``docs/benchmark_cpu.md``, 2026-12-05, sixth session).
   """
-  total = out = None
-  for chunk in split_chunks(batch, num_chunks):
-    if sequential and out is not None:
-      chunk = sequence_after(chunk, out)
-    out = fn(chunk)
-    total = out if total is None else jax.tree.map(jnp.add, total, out)
-  return total
+  if not sequential or num_chunks == 1:
+    total = None
+    for chunk in split_chunks(batch, num_chunks):
+      out = fn(chunk)
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return total
+  size = _leading_size(batch, num_chunks)
+
+  def chunk(i):
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), batch)
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(fn, jax.tree.map(lambda x: x[:size], batch)))
+  return jax.lax.fori_loop(0, num_chunks,
+                           lambda i, total: jax.tree.map(jnp.add, total, fn(chunk(i))), zeros)
+
+
+def _leading_size(batch, num_chunks: int) -> int:
+  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or next(iter(sizes)) % num_chunks:
+    raise ValueError(f"every leaf needs the same leading size, divisible by {num_chunks} "
+                     f"chunks; got leading sizes {sorted(sizes)}")
+  return next(iter(sizes)) // num_chunks
 
 
 def split_chunks(batch, num_chunks: int) -> list:
@@ -456,7 +488,7 @@ def mesh_value_and_grad(loss_fn: LossFn, params, group, num_terms: int,
 
   vg = jax.value_and_grad(weighted, has_aux=True)
   n, pixels = batch_and_pixels((group[0],))
-  c = chunk_size(n, pixels, max_pixels_per_chunk)
+  c = chunk_size(n, pixels, max_pixels_per_chunk, chunk_cap(sequential))
   if c == n:
     (_, per_term), grad = vg(params, group)
     return per_term, grad
@@ -482,7 +514,7 @@ def combine_level_grads(level_grads):
 
 
 __all__ = ["level_views", "term_views", "term_loss", "term_value_and_grad",
-           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "MAX_CHUNKS", "sum_over_chunks",
+           "mge_value_and_grad", "mge_loss", "combine_level_grads", "chunk_size", "chunk_cap", "MAX_CHUNKS", "sum_over_chunks",
            "split_chunks", "batch_and_pixels",
            "mesh_groups", "mesh_value_and_grad", "add_mesh_pass", "mge_value_and_grad_by_mesh",
            "sequence_after"]

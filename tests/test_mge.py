@@ -5,7 +5,8 @@ import pytest
 
 from conftest import TinyCNN, mse_loss_fn, smooth_images
 from mgtrain.hierarchy import Hierarchy, HierarchyError
-from mgtrain.mge import (chunk_size, combine_level_grads, mesh_groups, level_views, mge_loss,
+from mgtrain.mge import (MAX_CHUNKS, chunk_cap, chunk_size, combine_level_grads, mesh_groups,
+                         level_views, mge_loss,
                          mge_value_and_grad, mge_value_and_grad_by_mesh, sequence_after,
                          sum_over_chunks)
 
@@ -261,3 +262,46 @@ def test_sequential_chunks_plan_one_chunk():
   # model keeps about 4 chunks' (1.6 MB against 2.7 MB), so the bound is
   # relative. The ResNet's b240 at 256^2 in 16 chunks plans 1.2 chunks'.
   assert one_by_one < 0.65 * side_by_side
+
+
+def test_sequential_chunks_are_one_rolled_copy_of_the_pass():
+  """The rolled loop traces the pass a fixed number of times, however many
+  chunks, and adds the chunks in the unrolled order."""
+  model = TinyCNN(features=8)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+  batch = _batch(jax.random.key(3), 24)
+  vg = jax.value_and_grad(lambda p, b: jnp.mean(mse_loss_fn(model)(p, b)))
+  traces = []
+
+  def counted(p, c):
+    traces.append(1)
+    return vg(p, c)
+
+  def program(k, sequential):
+    traces.clear()
+    fn = jax.jit(lambda p, b: sum_over_chunks(lambda c: counted(p, c), b, k, sequential))
+    return fn.lower(params, batch).compile(), len(traces)
+
+  (rolled3, n3), (rolled12, n12) = program(3, True), program(12, True)
+  _, unrolled12 = program(12, False)
+  assert n3 == n12 <= 2 and unrolled12 == 12
+  assert "while" in rolled12.as_text()
+  for k, rolled in ((3, rolled3), (12, rolled12)):
+    unrolled, _ = program(k, False)
+    for a, b in zip(jax.tree.leaves(rolled(params, batch)), jax.tree.leaves(unrolled(params, batch))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sum_over_chunks_rejects_uneven_leaves():
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sum_over_chunks(jnp.sum, {"a": jnp.zeros((6, 2)), "b": jnp.zeros((6,))}, 4, True)
+  with pytest.raises(ValueError, match="same leading size"):
+    sum_over_chunks(jnp.sum, {"a": jnp.zeros((8, 2)), "b": jnp.zeros((4,))}, 4, True)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_term_chunks_are_uncapped_only_when_rolled(sequential):
+  """240 samples of 256^2 in chunks of 2^18 pixels: 60 rolled chunks of 4,
+  or (unrolled, capped at MAX_CHUNKS) 16 of 15."""
+  assert chunk_cap(sequential) == (None if sequential else MAX_CHUNKS)
+  assert chunk_size(240, 256 * 256, 2**18, chunk_cap(sequential)) == (4 if sequential else 15)
