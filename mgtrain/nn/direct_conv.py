@@ -28,7 +28,9 @@ chunks (40.1 s against 13.8 s). Written as a forward convolution, the
 rolled loop ran as fast as the unrolled one (12.53 s against 13.16 s, one
 process, interleaved rounds), and compiled in 17 s instead of 44 s. The
 values are the same: XLA computes both forms with the same convolution.
-Outside loops the two forms ran within 2% of each other. That is what
+Outside loops the ResNet's steps ran within 1-2% either way; the UNet's MGE
+step, with many small direct convs on its coarse meshes, ran 0.7-3.9%
+slower in three A/Bs (its b16 step 1%). That is what
 lets :func:`mgtrain.mge.sum_over_chunks` roll its chunks
 (``docs/benchmark_cpu.md``, 2026-12-05, sixth session).
 
