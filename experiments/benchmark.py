@@ -86,7 +86,7 @@ from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_PIXELS, 
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
-from mgtrain.mge import chunk_size, level_views
+from mgtrain.mge import chunk_cap, chunk_size, level_views
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv, resolve_conv_algorithm, standard_conv
 from mgtrain.nn.meshfree import MeshFreeConv
@@ -387,11 +387,11 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
           live, live_small = total, config.base_batch
           if (sequential or split_single) and chunk_pixels:
-            # Sequential chunks (a rolled loop, or a split step's chunk
-            # program) are uncapped and run one after another.
-            live = chunk_size(total, size * size, chunk_pixels, max_chunks=None)
-            live_small = chunk_size(config.base_batch, size * size, chunk_pixels,
-                                    max_chunks=None)
+            # A split step's chunk programs run one after another, as a
+            # rolled loop's chunks do, so both take chunk_cap's sequential cap.
+            cap = chunk_cap(sequential=True)
+            live = chunk_size(total, size * size, chunk_pixels, cap)
+            live_small = chunk_size(config.base_batch, size * size, chunk_pixels, cap)
           estimate = small * live // live_small if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())
