@@ -60,8 +60,9 @@ MODELS = tuple(MODEL_CONVS)
 # side are unrolled, at most mgtrain.mge.MAX_CHUNKS of them). With XLA's
 # own convolutions (experiments.runtime turns YNNPACK off) the reference
 # ResNet's single b240 step at 64^2 took 43.7 s unchunked, 35.4 s in chunks
-# of 2^18 and 37.1 s in chunks of 2^16; the MGE step's batches (at most 16 x 64^2) stay whole: chunks of 8 x 32^2,
-# the old default (for YNNPACK), made that step slower, 6.07 s vs 4.78 s.
+# of 2^18 and 37.1 s in chunks of 2^16; the MGE step's batches (at most
+# 16 x 64^2) stay whole: chunks of 8 x 32^2, the old default (for YNNPACK),
+# made that step slower, 6.07 s vs 4.78 s.
 CPU_CHUNK_PIXELS = 2**18
 
 
