@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mgtrain.nn.conv_dispatch import Conv3x3Dispatch
-from mgtrain.nn.direct_conv import direct_conv, kernel_gradient
+from mgtrain.nn.direct_conv import direct_conv, kernel_gradient, kernel_gradients_as_forward_convs
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -36,9 +36,26 @@ def test_values_and_gradients_match_lax(x_shape, w_shape, strides, padding):
   x, w = _operands(x_shape, w_shape)
   ref = _loss(jax.lax.conv_general_dilated, strides, padding)
   new = _loss(direct_conv, strides, padding)
-  np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-6)
-  for got, want in zip(jax.grad(new, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with kernel_gradients_as_forward_convs():
+    assert "custom_vjp" in str(jax.make_jaxpr(new)(x, w))
+    np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-6)
+    for got, want in zip(jax.grad(new, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_outside_the_context_it_is_lax_itself():
+  """XLA's own kernel gradient is as fast or faster outside loops, so the
+  custom VJP is scoped; nested contexts restore the outer setting."""
+  x, w = _operands(*CASES[1][:2])
+  grads = lambda conv: str(jax.make_jaxpr(jax.grad(_loss(conv, *CASES[1][2:]), (0, 1)))(x, w))
+  lax_grads = grads(jax.lax.conv_general_dilated)
+  assert grads(direct_conv) == lax_grads
+  with kernel_gradients_as_forward_convs():
+    inside = grads(direct_conv)
+    with kernel_gradients_as_forward_convs(False):
+      assert grads(direct_conv) == lax_grads
+    assert grads(direct_conv) == inside != lax_grads
+  assert grads(direct_conv) == lax_grads
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
@@ -79,8 +96,9 @@ def test_gradient_inside_a_rolled_loop_matches_lax():
       return jax.lax.fori_loop(0, 2, body, jnp.zeros(()))
     return jax.jit(jax.grad(loss))(w)
 
-  np.testing.assert_allclose(summed(direct_conv), summed(jax.lax.conv_general_dilated),
-                             rtol=1e-5, atol=1e-5)
+  with kernel_gradients_as_forward_convs():
+    np.testing.assert_allclose(summed(direct_conv), summed(jax.lax.conv_general_dilated),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -95,11 +113,12 @@ def test_other_convolutions_pass_through_to_lax(kwargs):
   if kwargs["dimension_numbers"][0] == "NCHW":
     x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
   f = lambda conv: lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", **kwargs) ** 2)
-  jaxpr = str(jax.make_jaxpr(jax.grad(f(direct_conv), (0, 1)))(x, w))
-  assert "custom_vjp" not in jaxpr
-  for got, want in zip(jax.grad(f(direct_conv), (0, 1))(x, w),
-                       jax.grad(f(jax.lax.conv_general_dilated), (0, 1))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+  with kernel_gradients_as_forward_convs():
+    jaxpr = str(jax.make_jaxpr(jax.grad(f(direct_conv), (0, 1)))(x, w))
+    assert "custom_vjp" not in jaxpr
+    for got, want in zip(jax.grad(f(direct_conv), (0, 1))(x, w),
+                         jax.grad(f(jax.lax.conv_general_dilated), (0, 1))(x, w)):
+      np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_dispatch_computes_strided_and_1x1_convs_with_direct_conv():
@@ -108,7 +127,8 @@ def test_dispatch_computes_strided_and_1x1_convs_with_direct_conv():
   for w, strides, padding in ((jnp.ones((1, 1, 4, 4)), (1, 1), "SAME"),
                               (jnp.ones((3, 3, 4, 4)), (2, 2), ((1, 1), (1, 1)))):
     conv = lambda x, w: dispatch(x, w, strides, padding, dimension_numbers=NHWC)
-    assert "custom_vjp" in str(jax.make_jaxpr(conv)(x, w))
+    with kernel_gradients_as_forward_convs():
+      assert "custom_vjp" in str(jax.make_jaxpr(conv)(x, w))
 
 
 def test_models_route_their_own_convs_through_the_dispatch_on_cpu():

@@ -292,6 +292,22 @@ def test_sequential_chunks_are_one_rolled_copy_of_the_pass():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_only_the_rolled_loop_body_takes_forward_conv_kernel_gradients(sequential):
+  """The models' direct convs take their custom VJP in the rolled loop's
+  body alone (mgtrain.nn.direct_conv); unrolled chunks keep XLA's own."""
+  from mgtrain.nn import direct_conv
+  seen = []
+
+  def fn(chunk):
+    seen.append(direct_conv._AS_FORWARD_CONVS.get())
+    return jnp.sum(chunk)
+
+  jax.make_jaxpr(lambda b: sum_over_chunks(fn, b, 4, sequential))(jnp.ones((8, 3)))
+  assert seen[-1] is sequential and not any(seen[:-1 if sequential else None])
+  assert direct_conv._AS_FORWARD_CONVS.get() is False
+
+
 def test_sum_over_chunks_rejects_uneven_leaves():
   with pytest.raises(ValueError, match="divisible by 4"):
     sum_over_chunks(jnp.sum, {"a": jnp.zeros((6, 2)), "b": jnp.zeros((6,))}, 4, True)

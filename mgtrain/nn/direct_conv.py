@@ -28,11 +28,19 @@ chunks (40.1 s against 13.8 s). Written as a forward convolution, the
 rolled loop ran as fast as the unrolled one (12.53 s against 13.16 s, one
 process, interleaved rounds), and compiled in 17 s instead of 44 s. The
 values are the same: XLA computes both forms with the same convolution.
-Outside loops the ResNet's steps ran within 1-2% either way; the UNet's MGE
-step, with many small direct convs on its coarse meshes, ran 0.7-3.9%
-slower in three A/Bs (its b16 step 1%). That is what
-lets :func:`mgtrain.mge.sum_over_chunks` roll its chunks
+That is what lets :func:`mgtrain.mge.sum_over_chunks` roll its chunks
 (``docs/benchmark_cpu.md``, 2026-12-05, sixth session).
+
+Outside loops XLA's own form is as fast or faster: there the ResNet's steps
+ran within 1-2% either way, and the UNet's MGE step, with many small direct
+convs on its coarse meshes, ran 0.7-3.9% slower with the custom VJP in three
+A/Bs. So the custom VJP is taken only while a loop body is being traced
+under :func:`kernel_gradients_as_forward_convs` (which
+:func:`mgtrain.mge.sum_over_chunks` enters for its rolled loop); elsewhere
+:func:`direct_conv` is ``lax.conv_general_dilated`` itself. The choice is
+made when the forward call is traced, so it holds for a ``jax.grad`` or
+``jax.value_and_grad`` taken inside the loop body, the case of a chunk's
+pass.
 
 Only the plain case takes the custom VJP: NHWC / HWIO / NHWC, no input or
 kernel dilation, one feature and batch group, operands of one dtype and no
@@ -46,18 +54,42 @@ Example:
   >>> direct_conv(x, w, (2, 2), "SAME", dimension_numbers=dn).shape
   (2, 4, 4, 4)
   >>> loss = lambda w: jnp.sum(direct_conv(x, w, (1, 1), "SAME", dimension_numbers=dn))
-  >>> float(jax.grad(loss)(w)[1, 1, 0, 0])   # every tap of the centre sees all 2 x 64 pixels
+  >>> with kernel_gradients_as_forward_convs():   # what a rolled loop's body is traced under
+  ...   g = jax.grad(loss)(w)
+  >>> float(g[1, 1, 0, 0])   # every tap of the centre sees all 2 x 64 pixels
   128.0
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Read when a conv is traced; tracing happens in the calling thread, so a
+# context variable scopes it to the loop body being traced.
+_AS_FORWARD_CONVS = contextvars.ContextVar("kernel_gradients_as_forward_convs", default=False)
+
+
+@contextlib.contextmanager
+def kernel_gradients_as_forward_convs(enabled: bool = True):
+  """While tracing under this, :func:`direct_conv` takes its custom VJP.
+
+  Enter it around the tracing of a loop body (``lax.fori_loop``,
+  ``lax.scan``) whose passes differentiate direct convolutions, as
+  :func:`mgtrain.mge.sum_over_chunks` does. Nested uses restore the outer
+  setting on exit.
+  """
+  token = _AS_FORWARD_CONVS.set(enabled)
+  try:
+    yield
+  finally:
+    _AS_FORWARD_CONVS.reset(token)
 
 
 def _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -131,10 +163,12 @@ _plain_conv.defvjp(_plain_conv_fwd, _plain_conv_bwd)
 def direct_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                 precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated`` (same arguments, same values), with the
-  kernel gradient of the plain NHWC case computed by :func:`kernel_gradient`."""
-  if not _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
-                   feature_group_count, batch_group_count, preferred_element_type):
+  """``lax.conv_general_dilated`` (same arguments, same values). Under
+  :func:`kernel_gradients_as_forward_convs`, the kernel gradient of the plain
+  NHWC case is computed by :func:`kernel_gradient`."""
+  if not (_AS_FORWARD_CONVS.get()
+          and _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count, preferred_element_type)):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -144,4 +178,4 @@ def direct_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                      _explicit_padding(lhs.shape, rhs.shape, window_strides, padding), precision)
 
 
-__all__ = ["direct_conv", "kernel_gradient"]
+__all__ = ["direct_conv", "kernel_gradient", "kernel_gradients_as_forward_convs"]
