@@ -274,10 +274,10 @@ def sum_over_chunks(fn: Callable, batch, num_chunks: int, sequential: bool = Fal
   of ``fn``, so its compile time does not grow with ``num_chunks``. The
   chunks are added in the same order as unrolled. On CPU the loop is as
   fast as unrolled sequential chunks once the models' direct convolutions
-  compute their kernel gradients as forward convolutions, which the loop
-  body is traced under :func:`mgtrain.nn.direct_conv.kernel_gradients_as_forward_convs`
-  for (before that, a rolled loop ran 3x slower for the UNet and 20-60x for
-  an earlier ResNet). One process, interleaved
+  compute their kernel gradients as forward convolutions, so ``fn`` is
+  traced under :func:`mgtrain.nn.direct_conv.kernel_gradients_as_forward_convs`
+  here (before that, a rolled loop ran 3x slower for the UNet and 20-60x
+  for an earlier ResNet). One process, interleaved
   rounds, single-scale b240 fwd+bwd: the UNet at 64^2 in 4 chunks of 60,
   12.53 s rolled against 13.16 s unrolled (compile 17 s against 44 s); the
   ResNet at 128^2 in 15 chunks of 16, 38.0 s against 36.5 s (compile 2.7 s
@@ -294,9 +294,11 @@ def sum_over_chunks(fn: Callable, batch, num_chunks: int, sequential: bool = Fal
   def chunk(i):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), batch)
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(fn, jax.tree.map(lambda x: x[:size], batch)))
+  # Both traces of fn under the flag, so that a jitted fn's cached trace
+  # from eval_shape is the loop body's form too.
   with kernel_gradients_as_forward_convs():
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(fn, jax.tree.map(lambda x: x[:size], batch)))
     return jax.lax.fori_loop(0, num_chunks,
                              lambda i, total: jax.tree.map(jnp.add, total, fn(chunk(i))), zeros)
 
