@@ -163,8 +163,9 @@ def sequence_after(batch, done):
   and inf too): the values are untouched and only the data dependence is
   new. Integer leaves are passed through.
 
-  Why: independent model passes in one program (MGE's meshes or terms, the
-  chunks of :func:`sum_over_chunks`) are scheduled breadth-first by XLA's
+  Why: independent model passes in one program (MGE's meshes or terms;
+  :func:`sum_over_chunks` needs no such link, its sequential chunks are a
+  rolled loop) are scheduled breadth-first by XLA's
   CPU scheduler, layer ``k`` of every pass next to each other, so every
   pass's activations are alive at once and the step plans the *sum* of the
   passes' working memory. An ``optimization_barrier`` does not prevent that:

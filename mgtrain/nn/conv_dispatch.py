@@ -70,8 +70,8 @@ class Conv3x3Dispatch:
   unset) is computed by the algorithm :meth:`choose` names; anything else
   (strides, dilation, groups, other kernels) is direct, through
   :func:`mgtrain.nn.direct_conv.direct_conv` (``lax.conv_general_dilated``'s
-  values; its kernel gradient is a forward convolution, which XLA's CPU
-  compiler keeps fast inside loops). A frozen dataclass rather than a
+  values; inside a rolled loop body its kernel gradient is a forward
+  convolution, which XLA's CPU compiler keeps fast there). A frozen dataclass rather than a
   function so that the module's ``repr`` (a step-cache key) is the same in
   every process.
 
