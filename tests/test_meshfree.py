@@ -145,8 +145,9 @@ def _plain_filter(v, raw, pad, pairwise):
   return out[:, pad:pad + height, pad:pad + width]
 
 
-def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chunk_bytes=None):
-  c_in, c_out = 3, (4 if pairwise else 3)
+def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chunk_bytes=None,
+                                 channels=3):
+  c_in, c_out = channels, (4 if pairwise else channels)
   shape = (c_in, c_out, 7) if pairwise else (c_in, 7)
 
   def loss(f):
@@ -179,20 +180,25 @@ def test_closed_form_adjoint_matches_autodiff_of_the_plain_formula(height, width
 
 
 @pytest.mark.parametrize("height,width,pad,pairwise,chunk", [
-    (16, 16, 0, False, "one plane"), (12, 10, 3, False, "two images"),
-    (16, 12, 0, True, "one plane"), (9, 11, 2, True, "two images")])
+    (16, 16, 0, False, "one plane"), (12, 10, 3, False, "two images of a channel"),
+    (9, 11, 2, False, "two whole channels"), (16, 12, 0, True, "one plane"),
+    (9, 11, 2, True, "two images")])
 def test_chunked_ffts_match_the_plain_formula(height, width, pad, pairwise, chunk):
-  """The FFTs run chunk by chunk (one channel of one image, or two whole
-  images; pairwise filters always by whole images) give the values and
-  gradients of the plain formula, symbol gradients summed across chunks."""
-  c = 4 if pairwise else 3
+  """The FFTs run chunk by chunk give the values and gradients of the plain
+  formula, symbol gradients summed across chunks. Per channel the chunks
+  lie along the channels-first layout (one plane, two of a channel's
+  images, or two channels with all their images); pairwise filters always
+  run whole images."""
+  c = 4
   plane = (height + 2 * pad) * ((width + 2 * pad) // 2 + 1) * 16   # complex128
-  chunk_bytes = 1 if chunk == "one plane" else 2 * c * plane
-  expected = {("one plane", False): (1, 1), ("two images", False): (2, 3),
-              ("one plane", True): (1, 4), ("two images", True): (2, 4)}[chunk, pairwise]
+  chunk_bytes = {"one plane": 1, "two images of a channel": 2 * plane,
+                 "two whole channels": 2 * 4 * plane, "two images": 2 * c * plane}[chunk]
+  expected = {"one plane": (1, 1) if not pairwise else (1, 4), "two images of a channel": (2, 1),
+              "two whole channels": (4, 2), "two images": (2, 4)}[chunk]
   assert meshfree.fft_chunking(4, c, height + 2 * pad, width + 2 * pad, pairwise=pairwise,
                                chunk_bytes=chunk_bytes, itemsize=16) == expected
-  _check_against_plain_formula(height, width, pad, pairwise, batch=4, fft_chunk_bytes=chunk_bytes)
+  _check_against_plain_formula(height, width, pad, pairwise, batch=4, fft_chunk_bytes=chunk_bytes,
+                               channels=3 if pairwise else c)
 
 
 def test_zero_padding_removes_wraparound():
@@ -298,6 +304,74 @@ def test_invalid_shapes_raise():
     coefficients(jnp.zeros((3, 6)))
   with pytest.raises(ValueError, match="do not fit"):
     heat_filter(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 7)))
+  with pytest.raises(ValueError, match="channels-first"):
+    meshfree.heat_filter_channels_first(jnp.zeros((2, 8, 8)), jnp.zeros((2, 7)))
+  with pytest.raises(ValueError, match="do not fit"):
+    meshfree.heat_filter_channels_first(jnp.zeros((2, 1, 8, 8)), jnp.zeros((3, 7)))
+  with pytest.raises(ValueError, match="pad"):
+    meshfree.heat_filter_channels_first(jnp.zeros((2, 1, 8, 8)), jnp.zeros((2, 7)), pad=-1)
+
+
+def test_channel_map_channels_first_matches_a_plain_product_and_its_gradients():
+  """The written-out gradients equal JAX's derivative of ``einsum`` (float64)."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4), jnp.float64)
+    k = jax.random.normal(jax.random.key(1), (4, 6), jnp.float64)
+    target = jax.random.normal(jax.random.key(2), (6, 2, 5, 3), jnp.float64)
+
+    def loss(f):
+      return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(f(x, k)) * target),
+                                        argnums=(0, 1)))
+
+    plain = loss(lambda x, k: jnp.einsum("bhwi,io->obhw", x, k))(x, k)
+    mine = loss(meshfree.channel_map_channels_first)(x, k)
+    np.testing.assert_allclose(mine[0], plain[0], rtol=1e-12)
+    for got, want in zip(mine[1], plain[1]):
+      assert got.shape == want.shape
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pad,chunk_bytes", [(0, 0), (2, 1), (0, 2 * 12 * 7 * 16)])
+def test_channels_first_filter_is_the_nhwc_filter_transposed(pad, chunk_bytes):
+  """Unchunked, one plane a chunk, or two images of a channel; values and
+  both gradients equal those of the NHWC filter's plain formula."""
+  with jax.enable_x64(True):
+    raw = meshfree.init_raw(jax.random.key(0), (3,), jnp.float64)
+    v = jax.random.normal(jax.random.key(1), (4, 12, 12, 3), jnp.float64)
+
+    def loss(f):
+      return jax.jit(jax.value_and_grad(lambda v, raw: jnp.sum(jnp.sin(f(v, raw))),
+                                        argnums=(0, 1)))
+
+    plain = loss(lambda v, raw: _plain_filter(v, raw, pad, False))(v, raw)
+    mine = loss(lambda v, raw: meshfree.heat_filter_channels_first(
+        v.transpose(3, 0, 1, 2), raw, length_scale=0.2, pad=pad,
+        fft_chunk_bytes=chunk_bytes).transpose(1, 2, 3, 0))(v, raw)
+  np.testing.assert_allclose(mine[0], plain[0], rtol=1e-11)
+  for got, want in zip(mine[1], plain[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_mesh_free_conv_keeps_the_dense_channel_map_parameters():
+  """The channels-first channel map has ``nn.Dense``'s parameter names,
+  shapes and initial values, so checkpoints of either load into the other."""
+  import flax.linen as nn
+
+  class DenseThenFilter(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      v = nn.Dense(5, name="channel_map")(x)
+      raw = self.param("symbol", meshfree.init_raw, (5,))
+      return heat_filter(v, raw, length_scale=1.0 / 16)
+
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  want = DenseThenFilter().init(jax.random.key(1), x)
+  got = MeshFreeConv(5).init(jax.random.key(1), x)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)
+  np.testing.assert_allclose(MeshFreeConv(5).apply(got, x), DenseThenFilter().apply(want, x),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_fft_chunking_rules():
@@ -305,16 +379,20 @@ def test_fft_chunking_rules():
   # Everything fits, or chunking is off: one transform.
   assert meshfree.fft_chunking(4, 8, 32, 32, chunk_bytes=4 * 8 * plane) is None
   assert meshfree.fft_chunking(4, 8, 32, 32, chunk_bytes=0) is None
-  # Whole images when one image fits: the largest divisor of the batch.
-  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=2 * 8 * plane + 5) == (2, 8)
-  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=5 * 8 * plane) == (3, 8)
-  # Otherwise channel blocks of one image (a divisor of the channels, >= 1).
-  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=3 * plane) == (1, 2)
+  # Per channel, whole channels (all 6 images) when one fits: the largest
+  # divisor of the channels.
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=2 * 6 * plane + 5) == (6, 2)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=5 * 6 * plane) == (6, 4)
+  # Otherwise image blocks of one channel (a divisor of the batch, >= 1).
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=5 * plane) == (3, 1)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=2 * plane + 5) == (2, 1)
   assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=1) == (1, 1)
   # Pairwise filters mix channels: whole images, even when one is too big.
   assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=1, pairwise=True) == (1, 8)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=2 * 8 * plane, pairwise=True) == (2, 8)
   # float64 spectra are twice the bytes.
-  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=8 * plane, itemsize=16) == (1, 4)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=8 * plane, itemsize=16) == (3, 1)
+  assert meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=12 * plane, itemsize=16) == (6, 1)
   with pytest.raises(ValueError, match="chunk_bytes"):
     meshfree.fft_chunking(6, 8, 32, 32, chunk_bytes=-1)
 
@@ -356,14 +434,15 @@ def test_default_fft_chunking_only_for_large_spectra_on_large_meshes():
 
 def test_heat_filter_chunking_reports_what_the_layer_does():
   assert jax.default_backend() == "cpu"
-  # 16 x 128 channels of 256 x 129 complex64: 541 MB of spectrum, 264 KB a channel.
-  assert meshfree.heat_filter_chunking((16, 256, 256, 128)) == (1, 4)
+  # 16 x 128 channels of 256 x 129 complex64: 541 MB of spectrum, 264 KB a
+  # plane, so 4 images of one channel a chunk.
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128)) == (4, 1)
   # Under 64 MiB of spectrum, or a mesh under 128^2: unchunked.
   assert meshfree.heat_filter_chunking((16, 256, 256, 8)) is None
   assert meshfree.heat_filter_chunking((64, 64, 64, 128)) is None
   # bfloat16 inputs are filtered in float32; float64 spectra are twice as large.
-  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.bfloat16) == (1, 4)
-  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.float64) == (1, 2)
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.bfloat16) == (4, 1)
+  assert meshfree.heat_filter_chunking((16, 256, 256, 128), dtype=jnp.float64) == (2, 1)
   # Padding enlarges the mesh the FFTs run on: 120 + 2 x 4 = 128.
   assert meshfree.heat_filter_chunking((64, 120, 120, 64)) is None
   assert meshfree.heat_filter_chunking((64, 120, 120, 64), pad=4) is not None
