@@ -670,7 +670,11 @@ class MeshFreeConv(nn.Module):
   """Mesh-free convolution: 1x1 channel map ``R`` then the heat-equation filter.
 
   Maps ``(B, H, W, d)`` to ``(B, H, W, features)`` for any ``H, W``; the
-  parameters do not depend on the mesh.
+  parameters do not depend on the mesh. Per channel, ``R`` writes
+  channels-first ``(features, B, H, W)`` (:func:`channel_map_channels_first`),
+  the layout the filter's FFTs run in, and only the output is transposed
+  back; ``R``'s parameters are ``nn.Dense``'s (``channel_map/kernel`` of
+  shape ``(d, features)`` and ``channel_map/bias``).
 
   Attributes:
     features: output channels ``c``.
