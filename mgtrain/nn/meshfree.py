@@ -491,10 +491,20 @@ def _check_filter_args(raw, channels, pad, pairwise):
                      f"input channels (expected {expected})")
 
 
-def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, chunking):
+def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, fft_chunk_bytes):
   """The filter on the two minor axes of ``x``: per channel ``(C, B, H, W)``,
-  pairwise ``(B, C_in, H, W)``; ``chunking`` from :func:`heat_filter_chunking`."""
+  pairwise ``(B, C_in, H, W)``; returns the same layout in ``x``'s dtype.
+
+  The FFTs run in float32 at least (bfloat16 FFTs are not supported;
+  float64 is kept), chunked as :func:`heat_filter_chunking` says.
+  """
   height, width = x.shape[2:]
+  channels, batch = (x.shape[1], x.shape[0]) if pairwise else x.shape[:2]
+  dtype = x.dtype
+  x = x.astype(jnp.promote_types(dtype, jnp.float32))
+  chunking = heat_filter_chunking((batch, height, width, channels),
+                                  out_channels=raw.shape[1] if pairwise else None, pad=pad,
+                                  dtype=x.dtype, fft_chunk_bytes=fft_chunk_bytes)
   if pad:
     x = jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
   ph, pw = height + 2 * pad, width + 2 * pad
@@ -511,7 +521,7 @@ def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, chunking):
     out = _chunked_spectral_filter(x, jnp.real(s), jnp.imag(s), pairwise, blocks)
   if pad:
     out = out[:, :, pad:pad + height, pad:pad + width]
-  return out
+  return out.astype(dtype)
 
 
 def heat_filter_channels_first(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
@@ -533,15 +543,9 @@ def heat_filter_channels_first(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale
   """
   if v.ndim != 4:
     raise ValueError(f"expected channels-first (C, B, H, W) images, got shape {v.shape}")
-  channels, batch, height, width = v.shape
-  _check_filter_args(raw, channels, pad, False)
-  # FFTs in float32 at least (bfloat16 FFTs are not supported), float64 kept.
-  x = v.astype(jnp.promote_types(v.dtype, jnp.float32))
-  chunking = heat_filter_chunking((batch, height, width, channels), pad=pad, dtype=x.dtype,
-                                  fft_chunk_bytes=fft_chunk_bytes)
-  out = _filter_minor_axes(x, raw, length_scale=length_scale, pad=pad, pairwise=False,
-                           chunking=chunking)
-  return out.astype(v.dtype)
+  _check_filter_args(raw, v.shape[0], pad, False)
+  return _filter_minor_axes(v, raw, length_scale=length_scale, pad=pad, pairwise=False,
+                            fft_chunk_bytes=fft_chunk_bytes)
 
 
 def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
@@ -581,12 +585,9 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
                                      fft_chunk_bytes=fft_chunk_bytes)
     return jnp.transpose(out, (1, 2, 3, 0))
   _check_filter_args(raw, v.shape[-1], pad, True)
-  x = v.astype(jnp.promote_types(v.dtype, jnp.float32))
-  chunking = heat_filter_chunking(v.shape, out_channels=raw.shape[1], pad=pad, dtype=x.dtype,
-                                  fft_chunk_bytes=fft_chunk_bytes)
-  out = _filter_minor_axes(jnp.moveaxis(x, -1, 1), raw, length_scale=length_scale, pad=pad,
-                           pairwise=True, chunking=chunking)
-  return jnp.moveaxis(out, 1, -1).astype(v.dtype)
+  out = _filter_minor_axes(jnp.moveaxis(v, -1, 1), raw, length_scale=length_scale, pad=pad,
+                           pairwise=True, fft_chunk_bytes=fft_chunk_bytes)
+  return jnp.moveaxis(out, 1, -1)
 
 
 @jax.custom_vjp
