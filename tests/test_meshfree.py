@@ -1,5 +1,6 @@
 """Mesh-free convolution: continuous operator, mesh independence, ellipticity, Lemma 4."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -355,7 +356,6 @@ def test_channels_first_filter_is_the_nhwc_filter_transposed(pad, chunk_bytes):
 def test_mesh_free_conv_keeps_the_dense_channel_map_parameters():
   """The channels-first channel map has ``nn.Dense``'s parameter names,
   shapes and initial values, so checkpoints of either load into the other."""
-  import flax.linen as nn
 
   class DenseThenFilter(nn.Module):
     @nn.compact
