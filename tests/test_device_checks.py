@@ -18,6 +18,8 @@ def test_part_2_writes_summary_log_and_results(tmp_path, run_device_checks):
   summary = (out / "summary.md").read_text()
   for name in ("unet_steps_128", "levers_sequential", "levers_bfloat16"):
     assert f"## {name} (rc 0," in summary
+  # Smoke mode times the ResNet's steps in the UNet's section.
+  assert "--sections steps --models resnet --mge by-mesh --skip-same-samples" in summary
   # Each lever's table, with both of its variants timed.
   assert summary.count("| resnet | 16 | by-mesh | float32 | off |") == 2
   assert "| resnet | 16 | by-mesh | float32 | on |" in summary
