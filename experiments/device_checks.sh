@@ -139,9 +139,9 @@ profile=(python3 -m experiments.profile_step "${device_args[@]}")
 if [ "$CONFIG" = smoke ]; then
   profile+=(--config smoke --calls 2); layer_args=(); fm_config=smoke
   resnet_sizes=(); unet_sizes_1=(); unet_sizes_2=(); lever_sizes=(); lever_size_256=()
-  # Smoke mode stands in the ResNet for the UNet wherever the UNet's own code
-  # adds nothing to check the script's plumbing with: its 16^2 steps compile
-  # for 20-30 s even there. Part 4 still profiles the UNet.
+  # Smoke mode puts the ResNet in the UNet's place wherever the UNet adds
+  # nothing to a check of the script's plumbing: its 16^2 steps compile for
+  # 20-30 s even there. Part 4 still profiles the UNet.
   unet_models=(--models resnet); unet_lever=(--model resnet); unet_lever_128=(); repeats=(--repeats 1)
   levers+=(--config smoke)
 else
