@@ -147,7 +147,9 @@ def _plain_filter(v, raw, pad, pairwise):
 
 
 def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chunk_bytes=None,
-                                 channels=3):
+                                 channels=3, channels_first=False):
+  """:func:`heat_filter` (or, with ``channels_first``, :func:`heat_filter_channels_first`
+  between transposes) against :func:`_plain_filter`: values and both gradients."""
   c_in, c_out = channels, (4 if pairwise else channels)
   shape = (c_in, c_out, 7) if pairwise else (c_in, 7)
 
@@ -155,8 +157,13 @@ def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chun
     return lambda v, raw: jnp.sum(jnp.sin(f(v, raw)) * target)
 
   plain = lambda v, raw: _plain_filter(v, raw, pad, pairwise)   # noqa: E731
-  mine = lambda v, raw: heat_filter(v, raw, length_scale=0.2, pad=pad, pairwise=pairwise,   # noqa: E731
-                                    fft_chunk_bytes=fft_chunk_bytes)
+  if channels_first:
+    mine = lambda v, raw: meshfree.heat_filter_channels_first(   # noqa: E731
+        v.transpose(3, 0, 1, 2), raw, length_scale=0.2, pad=pad,
+        fft_chunk_bytes=fft_chunk_bytes).transpose(1, 2, 3, 0)
+  else:
+    mine = lambda v, raw: heat_filter(v, raw, length_scale=0.2, pad=pad, pairwise=pairwise,   # noqa: E731
+                                      fft_chunk_bytes=fft_chunk_bytes)
   with jax.enable_x64(True):
     raw = meshfree.init_raw(jax.random.key(0), shape[:-1], jnp.float64)
     v = jax.random.normal(jax.random.key(1), (batch, height, width, c_in), jnp.float64)
@@ -336,21 +343,8 @@ def test_channel_map_channels_first_matches_a_plain_product_and_its_gradients():
 def test_channels_first_filter_is_the_nhwc_filter_transposed(pad, chunk_bytes):
   """Unchunked, one plane a chunk, or two images of a channel; values and
   both gradients equal those of the NHWC filter's plain formula."""
-  with jax.enable_x64(True):
-    raw = meshfree.init_raw(jax.random.key(0), (3,), jnp.float64)
-    v = jax.random.normal(jax.random.key(1), (4, 12, 12, 3), jnp.float64)
-
-    def loss(f):
-      return jax.jit(jax.value_and_grad(lambda v, raw: jnp.sum(jnp.sin(f(v, raw))),
-                                        argnums=(0, 1)))
-
-    plain = loss(lambda v, raw: _plain_filter(v, raw, pad, False))(v, raw)
-    mine = loss(lambda v, raw: meshfree.heat_filter_channels_first(
-        v.transpose(3, 0, 1, 2), raw, length_scale=0.2, pad=pad,
-        fft_chunk_bytes=chunk_bytes).transpose(1, 2, 3, 0))(v, raw)
-  np.testing.assert_allclose(mine[0], plain[0], rtol=1e-11)
-  for got, want in zip(mine[1], plain[1]):
-    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+  _check_against_plain_formula(12, 12, pad, False, batch=4, fft_chunk_bytes=chunk_bytes,
+                               channels_first=True)
 
 
 def test_mesh_free_conv_keeps_the_dense_channel_map_parameters():
