@@ -187,9 +187,11 @@ def _apply_symbol(spec, s, pairwise: bool):
 
 
 def _reduce_to(p, shape):
-  """Sums ``p`` over the axes that broadcasting an array of ``shape`` (same
-  rank) against it stretched, so the result has ``shape``: the adjoint of
-  that broadcast."""
+  """Sums ``p`` over the axes that broadcasting an array of ``shape`` against it
+  added or stretched, so the result has ``shape``: the adjoint of that broadcast."""
+  lead = p.ndim - len(shape)
+  if lead:
+    p = jnp.sum(p, axis=tuple(range(lead)))
   axes = tuple(i for i, (n, m) in enumerate(zip(shape, p.shape)) if n == 1 and m != 1)
   return jnp.sum(p, axis=axes, keepdims=True) if axes else p
 
@@ -200,8 +202,8 @@ def _spectral_filter(v, s_re, s_im, pairwise):
 
   Per channel, ``S = s_re + i s_im`` broadcasts against ``rfft2(v)``:
   :func:`heat_filter_channels_first` passes channels-first images ``(C, B,
-  H, W)`` and ``S`` of shape ``(C, 1, H, W//2+1)``, and its chunks drop a
-  size-1 leading axis from both (:func:`_chunks`). With ``pairwise``, ``v`` is NCHW
+  H, W)`` and ``S`` of shape ``(C, 1, H, W//2+1)``; NCHW images with ``S``
+  of shape ``(C, H, W//2+1)`` work too. With ``pairwise``, ``v`` is NCHW
   ``(B, C_in, H, W)`` and ``S`` is ``(C_in, C_out, H, W//2+1)`` (``Y_o =
   sum_i S_io V_i``).
   The backward pass is written out (:func:`_spectral_filter_bwd`) rather than
