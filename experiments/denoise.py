@@ -62,7 +62,10 @@ MODELS = tuple(MODEL_CONVS)
 # ResNet's single b240 step at 64^2 took 43.7 s unchunked, 35.4 s in chunks
 # of 2^18 and 37.1 s in chunks of 2^16; the MGE step's batches (at most
 # 16 x 64^2) stay whole: chunks of 8 x 32^2, the old default (for YNNPACK),
-# made that step slower, 6.07 s vs 4.78 s.
+# made that step slower, 6.07 s vs 4.78 s. Chunks of 2^14 (2026-12-06, each
+# step alone in its process, docs/benchmark_cpu.md) made the ResNet's and the
+# MFC ResNet's MGE steps 5-30% faster at 128^2 and 256^2 but the UNet's b16
+# step at 64^2 25% slower, so no single smaller number replaces this one yet.
 CPU_CHUNK_PIXELS = 2**18
 
 
