@@ -72,6 +72,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
@@ -80,8 +81,9 @@ import jax.numpy as jnp
 import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
-from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_PIXELS, MODEL_CONVS, \
-    build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
+from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_PIXELS, \
+    CPU_FINE_MESH_CHUNK_PIXELS, CPU_FINE_MESH_SIZE, MODEL_CONVS, build_model, \
+    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, default_chunk_pixels, \
     make_loss_fn, model_conv, resolve_sequential, resolve_split_step, sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
@@ -336,7 +338,8 @@ def accumulation_for(estimated_bytes: int | None, total: int, budget: int) -> in
              if total % k == 0 and estimated_bytes / k <= budget / 3)
 
 
-def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms",),
+def bench_steps(config: BenchConfig, chunk_pixels: int | None | Callable[[int], int | None],
+                mge_modes=("terms",),
                 progress=print, on_row=lambda rows: None, same_samples: bool = True,
                 accumulate_same: int = 0, sequential: bool = False,
                 split_step: bool = False, settle: int = 0,
@@ -357,7 +360,10 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
   Each model and size compiles all its steps first, then times them in
   interleaved rounds (:func:`_time_interleaved`). ``speed_ratio`` is the
   ratio of the medians; ``speed_ratio_rounds`` has the ratio within each
-  round, whose spread shows how far the machine's noise moves it."""
+  round, whose spread shows how far the machine's noise moves it.
+  ``chunk_pixels``: the chunk size, or a function of the finest mesh's side
+  that gives it (as :func:`experiments.denoise.default_chunk_pixels`); each
+  row records the one it used."""
   rows = []
   for model_name in config.models:
     model = _bench_model(model_name, config.compute_dtype, config.conv_algorithm)
@@ -376,7 +382,9 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         stages[_mge_key(config.levels, mode, split_step)] = (mge_stage, mode == "by-mesh")
       if same_samples:
         stages[f"single_b{total}"] = (fm.Stage((0,), (total,), 1), False)
-      row = {"model": model_name, "size": size, "levels": config.levels}
+      chunk = chunk_pixels(size) if callable(chunk_pixels) else chunk_pixels
+      row = {"model": model_name, "size": size, "levels": config.levels,
+             "chunk_pixels": chunk}
       steps = {}
       for key, (stage, fuse) in stages.items():
         accumulate = 1
@@ -386,12 +394,12 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
           # Sequential chunks plan one chunk's memory, for both batches.
           small = row[f"single_b{config.base_batch}"]["temp_bytes"]
           live, live_small = total, config.base_batch
-          if (sequential or split_single) and chunk_pixels:
+          if (sequential or split_single) and chunk:
             # A split step's chunk programs run one after another, as a
             # rolled loop's chunks do, so both take chunk_cap's sequential cap.
             cap = chunk_cap(sequential=True)
-            live = chunk_size(total, size * size, chunk_pixels, cap)
-            live_small = chunk_size(config.base_batch, size * size, chunk_pixels, cap)
+            live = chunk_size(total, size * size, chunk, cap)
+            live_small = chunk_size(config.base_batch, size * size, chunk, cap)
           estimate = small * live // live_small if small else None
           accumulate = accumulate_same or accumulation_for(estimate, total,
                                                            memory_budget_bytes())
@@ -401,7 +409,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None, mge_modes=("terms
         progress(f"  {model_name} {size}^2 {key}: compiling"
                  + (f" (in {accumulate} accumulated micro-batches)" if accumulate > 1 else ""))
         row[key], steps[key] = _compile_stage(stage, hierarchy, loss_fn, params, pool,
-                                              chunk_pixels, fuse, accumulate=accumulate,
+                                              chunk, fuse, accumulate=accumulate,
                                               sequential=sequential,
                                               split_step=key.endswith("_split") or
                                               (split_single and key.startswith("single_")))
@@ -1004,12 +1012,14 @@ def steps_table(rows: list[dict]) -> str:
   split_single = {k for k in keys if rows[0][k].get("split_step") and not k.endswith("_split")}
   head = " | ".join(f"{k}{' split' if k in split_single else ''} s/step (compile s)"
                     for k in keys)
-  lines = [f"| model | res | {head} | speed ratio single-same / fastest mge | per round "
-           "(min-max) | #WU ratio | mge / single-same in base steps: time (#WU) "
+  lines = [f"| model | res | chunk px | {head} | speed ratio single-same / fastest mge "
+           "| per round (min-max) | #WU ratio | mge / single-same in base steps: time (#WU) "
            "| working memory mge / single-same | working memory GB "
            f"({' / '.join(keys)}) |",
-           "|---" * (len(keys) + 8) + "|"]
+           "|---" * (len(keys) + 9) + "|"]
   for r in rows:
+    chunk = r.get("chunk_pixels")
+    chunk = f"2^{chunk.bit_length() - 1}" if chunk and chunk & (chunk - 1) == 0 else chunk or "off"
     cells = " | ".join(
         f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
         + (f", {r[k]['accumulated_in']} x b{r[k]['micro_batch_sizes'][0]} accumulated"
@@ -1025,7 +1035,7 @@ def steps_table(rows: list[dict]) -> str:
     cost = (" / ".join(f"{v['seconds']:.2f}" for v in base.values()) + " ("
             + " / ".join(f"{v['work_units']:.2f}" for v in base.values()) + ")"
             if base else "n/a")
-    lines.append(f"| {r['model']} | {r['size']} | {cells} | {speed} | {spread} | {wu_ratio} "
+    lines.append(f"| {r['model']} | {r['size']} | {chunk} | {cells} | {speed} | {spread} | {wu_ratio} "
                  f"| {cost} | {mem} | {gigabytes} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
@@ -1072,8 +1082,10 @@ def parse_args(argv=None):
   add_conv_algorithm_argument(p)
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--chunk-pixels", type=int, default=None,
-                 help="per-level chunking as in experiments.denoise (default: "
-                      f"{CPU_CHUNK_PIXELS} on CPU, off on GPU; 0 = off)")
+                 help="per-level chunking as in experiments.denoise (default on CPU: "
+                      f"{CPU_FINE_MESH_CHUNK_PIXELS} when a hierarchy's finest mesh is "
+                      f"{CPU_FINE_MESH_SIZE}^2 or more, {CPU_CHUNK_PIXELS} below; off on "
+                      "GPU; 0 = off)")
   p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
@@ -1159,10 +1171,11 @@ def main(argv=None) -> dict:
       loss_eval_sizes=tuple(args.loss_eval_sizes) if args.loss_eval_sizes else None,
   ).items() if v is not None}
   config = dataclasses.replace(config, **overrides)
-  chunk = args.chunk_pixels
-  if chunk is None:
-    chunk = CPU_CHUNK_PIXELS if backend == "cpu" else None
-  chunk = chunk or None
+
+  def chunk_for(finest_size: int) -> int | None:
+    if args.chunk_pixels is None:
+      return default_chunk_pixels(backend, finest_size)
+    return args.chunk_pixels or None
   sequential = resolve_sequential(args.sequential)
 
   def progress(msg):
@@ -1170,7 +1183,12 @@ def main(argv=None) -> dict:
 
   out = {"config": dataclasses.asdict(config), "backend": backend,
          "device": str(jax.devices()[0]), "jax": jax.__version__,
-         "platform": platform.platform(), "chunk_pixels": chunk,
+         "platform": platform.platform(),
+         # Each steps row records the chunk size it used.
+         "chunk_pixels": (args.chunk_pixels or None if args.chunk_pixels is not None
+                          else f"by finest mesh: {CPU_FINE_MESH_CHUNK_PIXELS} from "
+                          f"{CPU_FINE_MESH_SIZE}^2 up, {CPU_CHUNK_PIXELS} below"
+                          if backend == "cpu" else None),
          "sequential_passes": sequential,
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,
@@ -1200,7 +1218,7 @@ def main(argv=None) -> dict:
     for sizes in ([(s,) for s in config.sizes] if bracket else [config.sizes]):
       before = twin(sizes) if bracket else None
       done = list(rows)
-      rows += bench_steps(dataclasses.replace(config, sizes=sizes), chunk, tuple(args.mge),
+      rows += bench_steps(dataclasses.replace(config, sizes=sizes), chunk_for, tuple(args.mge),
                           progress, on_row=lambda new: save(done + new),
                           same_samples=not args.skip_same_samples,
                           accumulate_same=args.same_samples_accumulate,
@@ -1229,7 +1247,8 @@ def main(argv=None) -> dict:
     out["time_to_mse"] = bench_time_to_mse(
         ttm_config.name, args.ttm_model, args.ttm_data_dir,
         tuple(args.ttm_scales),
-        args.ttm_eval_every, workdir / "time_to_mse", chunk, progress, sequential,
+        args.ttm_eval_every, workdir / "time_to_mse", chunk_for(ttm_config.size), progress,
+        sequential,
         config.conv_algorithm,
         resolve_split_step(args.ttm_split_step,
                            finest_pass_pixels=ttm_config.base_batch * ttm_config.size ** 2))
@@ -1242,7 +1261,8 @@ def main(argv=None) -> dict:
   if "pipeline" in args.sections:
     steps = args.pipeline_steps or (200 if backend == "gpu" else 20)
     out["pipeline"] = bench_pipeline(config.denoise_config, args.ttm_model, args.ttm_data_dir,
-                                     steps, chunk, backend == "gpu", progress, sequential,
+                                     steps, chunk_for(DENOISE_CONFIGS[config.denoise_config].size),
+                                     backend == "gpu", progress, sequential,
                                      config.conv_algorithm)
     md += ["", pipeline_table(out["pipeline"])]
   if "first-step" in args.sections:

@@ -62,11 +62,43 @@ MODELS = tuple(MODEL_CONVS)
 # ResNet's single b240 step at 64^2 took 43.7 s unchunked, 35.4 s in chunks
 # of 2^18 and 37.1 s in chunks of 2^16; the MGE step's batches (at most
 # 16 x 64^2) stay whole: chunks of 8 x 32^2, the old default (for YNNPACK),
-# made that step slower, 6.07 s vs 4.78 s. Chunks of 2^14 (2026-12-06, each
-# step alone in its process, docs/benchmark_cpu.md) made the ResNet's and the
-# MFC ResNet's MGE steps 5-30% faster at 128^2 and 256^2 but the UNet's b16
-# step at 64^2 25% slower, so no single smaller number replaces this one yet.
+# made that step slower, 6.07 s vs 4.78 s. Hierarchies whose finest mesh is
+# CPU_FINE_MESH_SIZE or more use CPU_FINE_MESH_CHUNK_PIXELS instead; see
+# default_chunk_pixels.
 CPU_CHUNK_PIXELS = 2**18
+CPU_FINE_MESH_SIZE = 128
+CPU_FINE_MESH_CHUNK_PIXELS = 2**14
+
+
+def default_chunk_pixels(backend: str, finest_size: int) -> int | None:
+  """The chunk size (``max_pixels_per_chunk``) a run uses by default.
+
+  Off (``None``) on a GPU, where a batch runs whole. On CPU the rule is by
+  the hierarchy's finest mesh, ``finest_size`` (the image side S):
+
+  * ``S >= CPU_FINE_MESH_SIZE`` (128): chunks of at most 2^14 samples x
+    pixels, i.e. 1 image at 128^2, 4 at 64^2, 16 at 32^2. Every level of
+    the hierarchy uses it, so an MGE step at 256^2 cuts its 64^2 pass too.
+  * below: chunks of at most 2^18 (``CPU_CHUNK_PIXELS``), which leaves the
+    MGE step's batches at 64^2 and coarser whole.
+
+  Why (docs/benchmark_cpu.md, 2026-12-06, each step alone in its own
+  process; time at 2^14 / time at 2^18): ResNet at 128^2 b16 0.86, MGE
+  0.70-0.88, b240 0.90-0.96; at 256^2 b16 0.75-0.97, MGE 0.91-0.95; UNet
+  at 256^2 b16 0.70, MGE 0.82; at 128^2 0.95 / 0.93; MFC ResNet at 128^2
+  0.79 / 0.87. Below 128^2 small chunks gain nothing (ResNet 64^2
+  0.89-1.10) or cost: the UNet's b16 step at 64^2 took 1.25x as long.
+
+  >>> default_chunk_pixels("cpu", 64), default_chunk_pixels("cpu", 256)
+  (262144, 16384)
+  >>> default_chunk_pixels("gpu", 256) is None
+  True
+  """
+  if finest_size < 1:
+    raise ValueError(f"finest_size must be a positive image side, got {finest_size}")
+  if backend != "cpu":
+    return None
+  return CPU_FINE_MESH_CHUNK_PIXELS if finest_size >= CPU_FINE_MESH_SIZE else CPU_CHUNK_PIXELS
 
 
 # ---------------------------------------------------------------- data
@@ -555,8 +587,10 @@ def parse_args(argv=None):
                       "('' to disable; not used with --level-parallel)")
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="evaluate each level's batch in sub-batches of at most this "
-                      "many samples x pixels (same gradient). Default: "
-                      f"{CPU_CHUNK_PIXELS} on CPU (faster there), off on GPU; 0 = off")
+                      "many samples x pixels (same gradient). Default on CPU (faster "
+                      f"there): {CPU_FINE_MESH_CHUNK_PIXELS} when the finest mesh is "
+                      f"{CPU_FINE_MESH_SIZE}^2 or more, {CPU_CHUNK_PIXELS} below; off on "
+                      "GPU; 0 = off")
   add_sequential_argument(p)
   p.add_argument("--mge", choices=("auto", "terms", "by-mesh"), default="auto",
                  help="how a Multiscale step evaluates MGE: 'terms' (one pass per "
@@ -643,7 +677,7 @@ def main(argv=None) -> dict:
         file=sys.stderr)
   chunk_pixels = args.chunk_pixels
   if chunk_pixels is None:
-    chunk_pixels = CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else None
+    chunk_pixels = default_chunk_pixels(jax.default_backend(), h.size)
   chunk_pixels = chunk_pixels or None
   sequential = resolve_sequential(args.sequential)
   fuse = args.mge == "by-mesh" or (args.mge == "auto" and jax.default_backend() == "gpu")

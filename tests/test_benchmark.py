@@ -34,7 +34,10 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   # The smoke layer's spectrum is small: its FFTs run unchunked, and the table says so.
   assert mfc["mfc_fft_chunking"] is None
   assert "MFC FFT chunks" in (tmp_path / "benchmark.md").read_text()
-  assert "| resnet | 16 |" in (tmp_path / "benchmark.md").read_text()
+  # The default chunk size on CPU, by the finest mesh (16^2: 2^18), in both files.
+  assert row["chunk_pixels"] == 2**18
+  assert saved["chunk_pixels"].startswith("by finest mesh: 16384 from 128^2 up")
+  assert "| resnet | 16 | 2^18 |" in (tmp_path / "benchmark.md").read_text()
   assert out["backend"] == "cpu"
   # --sequential auto: model passes one after another on CPU, said in both files.
   assert saved["sequential_passes"] is True and all(row[k]["sequential"] for k in keys)
@@ -51,6 +54,7 @@ def test_split_single_times_every_step_split_with_chunk_programs(tmp_path):
   assert all(row[k]["split_step"] for k in ("single_b1", "mge2_by_mesh_split", "single_b3"))
   assert row["single_b3"]["pass_chunk_calls"] == [3]
   assert row["single_b1"]["pass_chunk_calls"] == [1]
+  assert row["chunk_pixels"] == 512
   assert row["speed_ratio"] > 0
   assert "single_b3 split s/step" in (tmp_path / "benchmark.md").read_text()
 

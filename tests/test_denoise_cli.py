@@ -26,6 +26,7 @@ def test_smoke_all_strategies_table_and_files(tmp_path, capsys):
     assert r["sequential_passes"] is True   # --sequential auto, on CPU
     assert r["compile_ahead"] is False      # --compile-ahead auto, on CPU
     assert r["split_step"] is True          # --split-step auto, on CPU
+    assert r["max_pixels_per_chunk"] == 2**18  # a 16^2 finest mesh, on CPU
     assert all(st["background_compile_seconds"] == 0.0 for st in r["stages"])
     assert r["params"] == 597_699
     assert set(r["metrics"]) == {"mse", "psnr"}
@@ -113,6 +114,21 @@ def test_split_step_auto_is_off_for_big_passes():
   for name in ("cpu", "cpu4", "paper"):
     c = denoise.get_config(name)
     assert denoise.resolve_split_step("auto", True, c.base_batch * c.size ** 2) is True
+
+
+@pytest.mark.parametrize("size, chunk", [(8, 2**18), (64, 2**18), (127, 2**18),
+                                         (128, 2**14), (256, 2**14), (1024, 2**14)])
+def test_default_chunk_pixels_follows_the_finest_mesh_on_cpu(size, chunk):
+  """2^14 samples x pixels from a 128^2 finest mesh up, 2^18 below; off on GPU."""
+  assert denoise.default_chunk_pixels("cpu", size) == chunk
+  assert denoise.default_chunk_pixels("gpu", size) is None
+  # At 128^2 and up a chunk holds one finest image (a 64^2 pass: 4 images).
+  assert (chunk // size ** 2 <= 1) == (size >= 128)
+
+
+def test_default_chunk_pixels_rejects_a_bad_side():
+  with pytest.raises(ValueError, match="positive image side"):
+    denoise.default_chunk_pixels("cpu", 0)
 
 
 # auto on the CPU the tests run on: sequential passes on, compile-ahead off.
