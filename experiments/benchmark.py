@@ -1018,8 +1018,9 @@ def steps_table(rows: list[dict]) -> str:
            f"({' / '.join(keys)}) |",
            "|---" * (len(keys) + 9) + "|"]
   for r in rows:
-    chunk = r.get("chunk_pixels")
-    chunk = f"2^{chunk.bit_length() - 1}" if chunk and chunk & (chunk - 1) == 0 else chunk or "off"
+    chunk = r.get("chunk_pixels") or "off"
+    if isinstance(chunk, int) and chunk & (chunk - 1) == 0:
+      chunk = f"2^{chunk.bit_length() - 1}"
     cells = " | ".join(
         f"{r[k]['seconds_per_step']:.4g} ({r[k]['compile_seconds']:.1f})"
         + (f", {r[k]['accumulated_in']} x b{r[k]['micro_batch_sizes'][0]} accumulated"
@@ -1035,8 +1036,8 @@ def steps_table(rows: list[dict]) -> str:
     cost = (" / ".join(f"{v['seconds']:.2f}" for v in base.values()) + " ("
             + " / ".join(f"{v['work_units']:.2f}" for v in base.values()) + ")"
             if base else "n/a")
-    lines.append(f"| {r['model']} | {r['size']} | {chunk} | {cells} | {speed} | {spread} | {wu_ratio} "
-                 f"| {cost} | {mem} | {gigabytes} |")
+    lines.append(f"| {r['model']} | {r['size']} | {chunk} | {cells} | {speed} | {spread} "
+                 f"| {wu_ratio} | {cost} | {mem} | {gigabytes} |")
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
 
