@@ -81,10 +81,10 @@ import jax.numpy as jnp
 import optax
 
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
-from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_PIXELS, \
-    CPU_FINE_MESH_CHUNK_PIXELS, CPU_FINE_MESH_SIZE, MODEL_CONVS, build_model, \
-    add_conv_algorithm_argument, add_sequential_argument, compute_dtype, default_chunk_pixels, \
-    make_loss_fn, model_conv, resolve_sequential, resolve_split_step, sample_denoise_batch
+from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MODEL_CONVS, \
+    build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
+    make_loss_fn, model_conv, resolve_chunk_pixels, resolve_sequential, resolve_split_step, \
+    sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import Hierarchy
@@ -1083,10 +1083,8 @@ def parse_args(argv=None):
   add_conv_algorithm_argument(p)
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--chunk-pixels", type=int, default=None,
-                 help="per-level chunking as in experiments.denoise (default on CPU: "
-                      f"{CPU_FINE_MESH_CHUNK_PIXELS} when a hierarchy's finest mesh is "
-                      f"{CPU_FINE_MESH_SIZE}^2 or more, {CPU_CHUNK_PIXELS} below; off on "
-                      "GPU; 0 = off)")
+                 help="per-level chunking as in experiments.denoise (default on CPU, by "
+                      f"each hierarchy's finest mesh: {CPU_CHUNK_RULE}; off on GPU; 0 = off)")
   p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
@@ -1174,9 +1172,7 @@ def main(argv=None) -> dict:
   config = dataclasses.replace(config, **overrides)
 
   def chunk_for(finest_size: int) -> int | None:
-    if args.chunk_pixels is None:
-      return default_chunk_pixels(backend, finest_size)
-    return args.chunk_pixels or None
+    return resolve_chunk_pixels(args.chunk_pixels, backend, finest_size)
   sequential = resolve_sequential(args.sequential)
 
   def progress(msg):
@@ -1186,10 +1182,9 @@ def main(argv=None) -> dict:
          "device": str(jax.devices()[0]), "jax": jax.__version__,
          "platform": platform.platform(),
          # Each steps row records the chunk size it used.
-         "chunk_pixels": (args.chunk_pixels or None if args.chunk_pixels is not None
-                          else f"by finest mesh: {CPU_FINE_MESH_CHUNK_PIXELS} from "
-                          f"{CPU_FINE_MESH_SIZE}^2 up, {CPU_CHUNK_PIXELS} below"
-                          if backend == "cpu" else None),
+         "chunk_pixels": ((args.chunk_pixels or None) if args.chunk_pixels is not None
+                          else (f"by finest mesh: {CPU_CHUNK_RULE}" if backend == "cpu"
+                                else None)),
          "sequential_passes": sequential,
          "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "mge_step_wu_closed_form": float(wu.mge_step_closed_form(config.base_batch,

@@ -68,6 +68,9 @@ MODELS = tuple(MODEL_CONVS)
 CPU_CHUNK_PIXELS = 2**18
 CPU_FINE_MESH_SIZE = 128
 CPU_FINE_MESH_CHUNK_PIXELS = 2**14
+# The rule of default_chunk_pixels in words, for help texts and results files.
+CPU_CHUNK_RULE = (f"{CPU_FINE_MESH_CHUNK_PIXELS} from {CPU_FINE_MESH_SIZE}^2 up, "
+                  f"{CPU_CHUNK_PIXELS} below")
 
 
 def default_chunk_pixels(backend: str, finest_size: int) -> int | None:
@@ -104,6 +107,18 @@ def default_chunk_pixels(backend: str, finest_size: int) -> int | None:
   if backend != "cpu":
     return None
   return CPU_FINE_MESH_CHUNK_PIXELS if finest_size >= CPU_FINE_MESH_SIZE else CPU_CHUNK_PIXELS
+
+
+def resolve_chunk_pixels(choice: int | None, backend: str, finest_size: int) -> int | None:
+  """``--chunk-pixels`` as ``max_pixels_per_chunk``: ``None`` (not given)
+  takes :func:`default_chunk_pixels`, 0 turns chunking off.
+
+  >>> resolve_chunk_pixels(None, "cpu", 256), resolve_chunk_pixels(0, "cpu", 256)
+  (16384, None)
+  """
+  if choice is None:
+    return default_chunk_pixels(backend, finest_size)
+  return choice or None
 
 
 # ---------------------------------------------------------------- data
@@ -593,9 +608,7 @@ def parse_args(argv=None):
   p.add_argument("--chunk-pixels", type=int, default=None,
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default on CPU (faster "
-                      f"there): {CPU_FINE_MESH_CHUNK_PIXELS} when the finest mesh is "
-                      f"{CPU_FINE_MESH_SIZE}^2 or more, {CPU_CHUNK_PIXELS} below; off on "
-                      "GPU; 0 = off")
+                      f"there), by the finest mesh: {CPU_CHUNK_RULE}; off on GPU; 0 = off")
   add_sequential_argument(p)
   p.add_argument("--mge", choices=("auto", "terms", "by-mesh"), default="auto",
                  help="how a Multiscale step evaluates MGE: 'terms' (one pass per "
@@ -680,10 +693,7 @@ def main(argv=None) -> dict:
   print(f"data: {data.description}; {data.pool.shape[0]} training patches, "
         f"{len(data.val['u'])} validation patches of {config.size}x{config.size}",
         file=sys.stderr)
-  chunk_pixels = args.chunk_pixels
-  if chunk_pixels is None:
-    chunk_pixels = default_chunk_pixels(jax.default_backend(), h.size)
-  chunk_pixels = chunk_pixels or None
+  chunk_pixels = resolve_chunk_pixels(args.chunk_pixels, jax.default_backend(), h.size)
   sequential = resolve_sequential(args.sequential)
   fuse = args.mge == "by-mesh" or (args.mge == "auto" and jax.default_backend() == "gpu")
   mesh = level_parallel = None

@@ -126,6 +126,14 @@ def test_default_chunk_pixels_follows_the_finest_mesh_on_cpu(size, chunk):
   assert (chunk // size ** 2 <= 1) == (size >= 128)
 
 
+def test_chunk_pixels_flag_overrides_the_default():
+  """--chunk-pixels: not given takes the rule, 0 is off, a number is kept (both CLIs)."""
+  assert denoise.resolve_chunk_pixels(None, "cpu", 256) == 2**14
+  assert denoise.resolve_chunk_pixels(None, "gpu", 256) is None
+  assert denoise.resolve_chunk_pixels(0, "cpu", 256) is None
+  assert denoise.resolve_chunk_pixels(512, "gpu", 16) == 512
+
+
 def test_default_chunk_pixels_rejects_a_bad_side():
   with pytest.raises(ValueError, match="positive image side"):
     denoise.default_chunk_pixels("cpu", 0)
