@@ -3,7 +3,8 @@
 Every comparison is timed in this one process, after a warm-up call, as the
 median of ``--repeats`` timed calls; compile time (lower + compile of the
 jitted step) is reported separately. Results go to ``WORKDIR/benchmark.json``
-and ``WORKDIR/benchmark.md``.
+and ``WORKDIR/benchmark.md``, with a PNG figure per section
+(``WORKDIR/benchmark_steps.png`` etc., :mod:`experiments.benchmark_plots`).
 
 Sections (``--sections``):
 
@@ -80,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import benchmark_plots
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MODEL_CONVS, \
     build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
@@ -1275,6 +1277,9 @@ def main(argv=None) -> dict:
     md += ["", f"Mesh-free conv vs 3x3 conv, batch {config.mfc_batch}", "",
            mfc_table(out["mfc"])]
   (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
+  figures = benchmark_plots.write_figures(out, workdir / "benchmark")
+  if figures:
+    md += ["", "Figures: " + ", ".join(f"`{f.name}`" for f in figures)]
   text = "\n".join(md) + "\n"
   (workdir / "benchmark.md").write_text(text)
   print(text)

@@ -42,6 +42,11 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   # --sequential auto: model passes one after another on CPU, said in both files.
   assert saved["sequential_passes"] is True and all(row[k]["sequential"] for k in keys)
   assert "one after another" in (tmp_path / "benchmark.md").read_text()
+  # A figure per section, named in the table.
+  for name in ("benchmark_steps.png", "benchmark_mfc.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert f"`{name}`" in (tmp_path / "benchmark.md").read_text()
+  assert not (tmp_path / "benchmark_loss_eval.png").exists()
 
 
 def test_split_single_times_every_step_split_with_chunk_programs(tmp_path):
