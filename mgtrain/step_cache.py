@@ -268,13 +268,54 @@ class StepCache:
     return compiled, hit
 
 
+# LLVM's optimisation level for the fusion kernels of one-off programs on CPU.
+ONE_OFF_CPU_OPTIMIZATION_LEVEL = 1
+
+
+def one_off_compiler_options(platform: str) -> dict:
+  """XLA compile options for programs that run once and briefly: the
+  initialiser and the train-state builder (:func:`cached_call`).
+
+  On CPU, LLVM optimises their fusion kernels at level 1, not XLA's default
+  2. The reference UNet's jitted initialiser at 64^2 (mostly threefry and
+  its conversions to normals) compiled in 2.9 s instead of 6.1 s, ran in
+  37 instead of 20 ms, and gave bitwise the same 2,537,187 parameters.
+  Level 0 compiled in 2.2 s but changed 64,020 of them by 1-2 ulp, so it
+  is not used. (Training steps gain no compile time at level 1,
+  ``docs/benchmark_cpu.md``, and run 4x slower at level 0.)
+
+  No options on other platforms (not measured there), nor when
+  ``XLA_FLAGS`` sets the level itself: that choice (e.g. the test suite's
+  level 0, ``tests/conftest.py``) is the user's.
+
+  >>> one_off_compiler_options("gpu")
+  {}
+  """
+  if platform != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return {"xla_backend_optimization_level": ONE_OFF_CPU_OPTIMIZATION_LEVEL}
+
+
+def _platform_of(args) -> str:
+  """The platform the arrays in ``args`` live on (committed inputs decide
+  where a jitted program runs); the default backend when there are none."""
+  for leaf in jax.tree.leaves(args):
+    if isinstance(leaf, jax.Array):
+      return next(iter(leaf.devices())).platform
+  return jax.default_backend()
+
+
 def cached_call(cache: StepCache | None, jitted, *args, key: str):
   """``jitted(*args)``, compiled through ``cache`` when there is one.
 
   For the one-off programs of a run's start (initialisation, the train
-  state), whose tracing a second run would otherwise repeat.
+  state), whose tracing a second run would otherwise repeat. They are
+  compiled with :func:`one_off_compiler_options`.
   """
+  options = one_off_compiler_options(_platform_of(args))
   if cache is None:
-    return jitted(*args)
-  compiled, _ = cache.compile(jitted, *args, key=key)
+    if not options:
+      return jitted(*args)
+    return jitted.lower(*args).compile(compiler_options=options)(*args)
+  compiled, _ = cache.compile(jitted, *args, key=key, compiler_options=options)
   return compiled(*args)

@@ -1,6 +1,7 @@
 """mgtrain.step_cache: a loaded step is the step that was compiled, and
 anything in the fingerprint that changes misses."""
 
+import functools
 import sys
 
 import jax
@@ -12,7 +13,8 @@ import pytest
 from conftest import TinyCNN, smooth_images
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import Hierarchy
-from mgtrain.step_cache import StepCache, source_fingerprint
+from mgtrain import step_cache as step_cache_lib
+from mgtrain.step_cache import StepCache, one_off_compiler_options, source_fingerprint
 
 
 def _step(state, x):
@@ -135,6 +137,44 @@ def test_init_on_the_host_cpu_equals_the_plain_init_and_lands_on_the_default_dev
   assert len(list(tmp_path.glob("*.step"))) == 2
   with pytest.raises(ValueError, match="cannot initialise on platform 'tpu'"):
     init_params(model, jax.random.key(3), x, on_platform="tpu")
+
+
+def test_one_off_programs_compile_at_llvm_level_1_on_cpu_unless_xla_flags_say(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")
+  assert one_off_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+  assert one_off_compiler_options("gpu") == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  assert one_off_compiler_options("cpu") == {}
+  monkeypatch.delenv("XLA_FLAGS")
+  assert one_off_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_init_at_level_1_is_bitwise_the_init_at_xla_default_level(tmp_path, monkeypatch, cached):
+  """The initialiser compiled with the one-off options (which reach the
+  compile, with or without a step cache) gives bitwise the parameters XLA's
+  default level 2 gives."""
+  from mgtrain.nn import init_params
+  from mgtrain.nn.unet import UNet
+  # The test suite sets level 0 in XLA_FLAGS; without it, level 1 applies.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  seen = []
+  compile_lowered = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None):
+    seen.append(compiler_options)
+    return compile_lowered(self, compiler_options=compiler_options)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  model = UNet(base_channels=8, channel_mult=(1, 2), groups=4, emb_features=16)
+  x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,))
+  got = init_params(model, jax.random.key(7), x, t,
+                    step_cache=StepCache(tmp_path) if cached else None)
+  assert seen and seen[0] == {"xla_backend_optimization_level": 1}
+  want = jax.jit(functools.partial(model.init)).lower(jax.random.key(7), x, t).compile(
+      compiler_options={"xla_backend_optimization_level": 2})(jax.random.key(7), x, t)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert step_cache_lib._platform_of((jax.random.key(0), x)) == "cpu"
 
 
 def test_bad_arguments():
