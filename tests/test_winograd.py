@@ -113,3 +113,17 @@ def test_models_have_the_same_parameters_and_outputs_either_way(model_cls, optio
   assert relative_error(out["winograd"][0], out["direct"][0]) < 1e-4
   leaves = zip(jax.tree.leaves(out["winograd"][1]), jax.tree.leaves(out["direct"][1]))
   assert max(relative_error(a, b) for a, b in leaves) < 1e-4
+
+
+def test_lax_slicing_helpers_equal_numpy_indexing():
+  """``_strided`` and ``_at`` (the transforms' ``lax`` slicing) against numpy."""
+  from mgtrain.nn.winograd import TILE, _at, _strided
+  a = np.arange(2 * 14 * 9 * 3, dtype=np.float32).reshape(2, 14, 9, 3)
+  for axis, size in ((1, 14), (2, 9)):
+    for start in range(6):
+      for length in (4, 8, 12):
+        want = a[(slice(None),) * axis + (slice(start, start + length, TILE),)]
+        np.testing.assert_array_equal(_strided(jnp.asarray(a), start, length, axis), want)
+    for index in (0, size - 1):
+      np.testing.assert_array_equal(_at(jnp.asarray(a), index, axis),
+                                    np.take(a, index, axis=axis))

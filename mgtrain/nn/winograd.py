@@ -72,6 +72,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 TILE = 4           # outputs per tile side (m in F(m x m, 3 x 3))
 _SPAN = TILE + 2   # inputs per tile side
@@ -110,7 +111,10 @@ def _combine(matrix: np.ndarray, parts: Sequence[jnp.ndarray]) -> list[jnp.ndarr
 
   Written out term by term (not as a dot with a 6x6 matrix) so that XLA
   fuses each row into one elementwise loop over the batch; as an
-  ``einsum`` the same transform was 2.4x slower on CPU.
+  ``einsum`` the same transform was 2.4x slower on CPU. The terms are
+  ``lax`` primitives, not ``jnp`` operators: the same jaxpr, but a ``jnp``
+  operator under a trace goes through ``jit``'s dispatch, and the
+  transforms of a UNet MGE step call this about a thousand times.
   """
   rows = []
   for coefficients in matrix:
@@ -118,8 +122,9 @@ def _combine(matrix: np.ndarray, parts: Sequence[jnp.ndarray]) -> list[jnp.ndarr
     for c, part in zip(coefficients, parts):
       if c == 0:
         continue
-      term = part if c == 1 else -part if c == -1 else part * np.asarray(c, part.dtype)
-      total = term if total is None else total + term
+      term = (part if c == 1 else lax.neg(part) if c == -1
+              else lax.mul(part, np.asarray(c, part.dtype)))
+      total = term if total is None else lax.add(total, term)
     rows.append(total)
   return rows
 
@@ -183,6 +188,17 @@ def _scatter_tiles(parts, axis: int):
   return jax.lax.slice_in_dim(out.reshape(shape), 0, shape[axis] - 2, axis=axis)
 
 
+def _strided(a, start: int, length: int, axis: int):
+  """``a[..., start:start + length:TILE, ...]`` along ``axis``, as one ``lax``
+  slice (a ``jnp`` index under a trace goes through ``jit``'s dispatch)."""
+  return lax.slice_in_dim(a, start, min(start + length, a.shape[axis]), TILE, axis)
+
+
+def _at(a, index: int, axis: int):
+  """``a[..., index, ...]`` along ``axis`` (the axis dropped), as ``lax`` ops."""
+  return lax.index_in_dim(a, index, axis, keepdims=False)
+
+
 def _tile_grid(height: int, width: int) -> tuple[int, int]:
   return -(-height // TILE), -(-width // TILE)
 
@@ -195,9 +211,9 @@ def _input_transform(x):
   # One zero row/column of SAME padding on top/left; bottom/right up to the
   # tile grid plus the SAME row/column.
   xp = jnp.pad(x, ((0, 0), (1, TILE * th - height + 1), (1, TILE * tw - width + 1), (0, 0)))
-  rows = [xp[:, a:a + TILE * th:TILE] for a in range(_SPAN)]            # (n, th, W', c)
+  rows = [_strided(xp, a, TILE * th, axis=1) for a in range(_SPAN)]    # (n, th, W', c)
   r = jnp.stack(_combine(B_T, rows))                                    # (6, n, th, W', c)
-  cols = [r[:, :, :, b:b + TILE * tw:TILE] for b in range(_SPAN)]       # (6, n, th, tw, c)
+  cols = [_strided(r, b, TILE * tw, axis=3) for b in range(_SPAN)]     # (6, n, th, tw, c)
   return jnp.stack(_combine(B_T, cols), axis=1)
 
 
@@ -207,9 +223,9 @@ def _input_transform_fwd(x):
 
 def _input_transform_bwd(shape, dv):
   _, height, width, _ = shape
-  dcols = _combine(B_T.T, [dv[:, b] for b in range(_SPAN)])            # 6 x (6, n, th, tw, c)
+  dcols = _combine(B_T.T, [_at(dv, b, 1) for b in range(_SPAN)])       # 6 x (6, n, th, tw, c)
   dr = _scatter_tiles(dcols, axis=3)                                    # (6, n, th, W', c)
-  drows = _combine(B_T.T, [dr[a] for a in range(_SPAN)])               # 6 x (n, th, W', c)
+  drows = _combine(B_T.T, [_at(dr, a, 0) for a in range(_SPAN)])       # 6 x (n, th, W', c)
   dxp = _scatter_tiles(drows, axis=1)                                   # (n, H', W', c)
   return (dxp[:, 1:1 + height, 1:1 + width],)
 
@@ -221,8 +237,8 @@ _input_transform.defvjp(_input_transform_fwd, _input_transform_bwd)
 def _output_transform(m, height: int, width: int):
   """``A^T M A`` of every tile, assembled into ``(n, height, width, C)``."""
   n, th, tw, c = m.shape[2:]
-  yr = jnp.stack(_combine(A_T, [m[a] for a in range(_SPAN)]))           # (4, 6, n, th, tw, d)
-  y = jnp.stack(_combine(A_T, [yr[:, b] for b in range(_SPAN)]), axis=1)  # (4, 4, n, th, tw, d)
+  yr = jnp.stack(_combine(A_T, [_at(m, a, 0) for a in range(_SPAN)]))   # (4, 6, n, th, tw, d)
+  y = jnp.stack(_combine(A_T, [_at(yr, b, 1) for b in range(_SPAN)]), axis=1)  # (4, 4, n, th, tw, d)
   y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(n, TILE * th, TILE * tw, c)
   return y[:, :height, :width]
 
@@ -235,9 +251,10 @@ def _output_transform_bwd(height, width, _, dy):
   n, _, _, c = dy.shape
   th, tw = _tile_grid(height, width)
   dy = jnp.pad(dy, ((0, 0), (0, TILE * th - height), (0, TILE * tw - width), (0, 0)))
-  cols = [dy[:, :, s::TILE] for s in range(TILE)]                       # (n, 4 th, tw, d)
+  cols = [_strided(dy, s, TILE * tw, axis=2) for s in range(TILE)]     # (n, 4 th, tw, d)
   dcols = _combine(A_T.T, cols)                                         # 6 x (n, 4 th, tw, d)
-  dm = [jnp.stack(_combine(A_T.T, [d[:, r::TILE] for r in range(TILE)])) for d in dcols]
+  dm = [jnp.stack(_combine(A_T.T, [_strided(d, r, TILE * th, axis=1) for r in range(TILE)]))
+        for d in dcols]
   return (jnp.stack(dm, axis=1),)                                       # (6, 6, n, th, tw, d)
 
 
