@@ -92,6 +92,17 @@ def _pyplot():
   return plt
 
 
+def _finish(fig, ax, xlabel: str | None, ylabel: str, title: str):
+  """Labels, title and legend of a one-axes figure; returns ``fig``."""
+  if xlabel:
+    ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
 def _label(row: dict) -> str:
   return f"{MODEL_NAMES.get(row['model'], row['model'])} {row['size']}²"
 
@@ -170,12 +181,7 @@ def time_to_mse_figure(ttm: dict, title: str):
   ax.axhline(ttm["target_mse"], color="black", linestyle="--",
              label=f"single-scale's final MSE {ttm['target_mse']:.4f}")
   ax.set_xscale("log")
-  ax.set_xlabel("wall seconds (training + compiles)")
-  ax.set_ylabel("validation MSE")
-  ax.set_title(title)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, "wall seconds (training + compiles)", "validation MSE", title)
 
 
 def mfc_figure(rows: list[dict], title: str):
@@ -192,13 +198,9 @@ def mfc_figure(rows: list[dict], title: str):
               linestyle="--", label=f"{channels} ch, vs the Winograd 3x3 conv")
   ax.axhline(1.0, color="black", linewidth=1, label="target: at or below 1")
   ax.set_xscale("log", base=2)
-  ax.set_xticks(sorted({r["size"] for r in rows}), [f"{s}²" for s in sorted({r["size"] for r in rows})])
-  ax.set_xlabel("mesh")
-  ax.set_ylabel("MFC / 3x3 conv, forward+backward time")
-  ax.set_title(title)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig
+  sizes = sorted({r["size"] for r in rows})
+  ax.set_xticks(sizes, [f"{s}²" for s in sizes])
+  return _finish(fig, ax, "mesh", "MFC / 3x3 conv, forward+backward time", title)
 
 
 def loss_eval_figure(rows: list[dict], title: str):
@@ -212,11 +214,7 @@ def loss_eval_figure(rows: list[dict], title: str):
   ax.bar(x + 0.2, [r["wu_ratio"] for r in rows], 0.4, label="#WU ratio")
   ax.set_xticks(x, [f"{r['size']}², {r['levels']} level{'s' if r['levels'] > 1 else ''}"
                     for r in rows])
-  ax.set_ylabel("single-scale / MGE loss evaluation")
-  ax.set_title(title)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, None, "single-scale / MGE loss evaluation", title)
 
 
 def write_figures(results: dict, prefix: Path) -> list[Path]:
