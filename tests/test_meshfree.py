@@ -205,6 +205,11 @@ def test_chunked_ffts_match_the_plain_formula(height, width, pad, pairwise, chun
               "two whole channels": (4, 2), "two images": (2, 4)}[chunk]
   assert meshfree.fft_chunking(4, c, height + 2 * pad, width + 2 * pad, pairwise=pairwise,
                                chunk_bytes=chunk_bytes, itemsize=16) == expected
+  if not pairwise:
+    # Images of one channel are cut from rows, whole channels from stacked chunks.
+    images, channels = expected
+    assert meshfree._cuts_rows((c, 4, height, width), channels, images) == (
+        chunk != "two whole channels")
   _check_against_plain_formula(height, width, pad, pairwise, batch=4, fft_chunk_bytes=chunk_bytes,
                                channels=3 if pairwise else c)
 

@@ -357,6 +357,48 @@ def _chunks(a, block0, block1, pairwise):
   return a.reshape(n, block0, block1, *a.shape[2:])
 
 
+# Chunks of ``block1 < B`` images of one channel are cut from rows
+# ``(C B, H, W)`` with a dynamic slice, not from the stacked
+# ``(C B / block1, block1, H, W)`` of :func:`_chunks`. Back from the stacked
+# form, ``(C, B, H, W)`` is a reshape that neither splits nor merges whole
+# axes, and XLA on CPU evaluated the transposes that read it (the layer's
+# output to NHWC, the filter's input gradient to pixel-major) with
+# per-element index arithmetic: 354 against 148 ms for the output's
+# transpose at 128 channels, 256^2, batch 16. Other chunks (whole channels)
+# stay stacked: there the stacked form is a plain split, and rows were
+# 5-8% slower at 128^2 (``docs/benchmark_cpu.md``, 2026-12-06).
+
+
+def _cuts_rows(shape, block0: int, block1: int) -> bool:
+  """Whether per-channel chunks of ``shape = (C, B, H, W)`` are cut from rows."""
+  return block0 == 1 and block1 < shape[1]
+
+
+def _loop_carry(a, block0, block1):
+  """The in-place loop's carry: rows ``(C B, H, W)`` or stacked chunks."""
+  if _cuts_rows(a.shape, block0, block1):
+    return a.reshape(-1, *a.shape[2:])
+  return _chunks(a, block0, block1, pairwise=False)
+
+
+def _num_chunks(a, block0, block1):
+  return (a.shape[0] // block0) * (a.shape[1] // block1)
+
+
+def _get_chunk(carry, k, block1, rows: bool):
+  """Chunk ``k`` of :func:`_loop_carry`."""
+  if rows:
+    return jax.lax.dynamic_slice_in_dim(carry, k * block1, block1, axis=0)
+  return jax.lax.dynamic_index_in_dim(carry, k, keepdims=False)
+
+
+def _put_chunk(carry, chunk, k, rows: bool):
+  """Writes chunk ``k`` back into :func:`_loop_carry`, in place."""
+  if rows:
+    return jax.lax.dynamic_update_slice_in_dim(carry, chunk, k * chunk.shape[0], axis=0)
+  return jax.lax.dynamic_update_index_in_dim(carry, chunk, k, 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_spectral_filter(v, s_re, s_im, pairwise, blocks):
   """:func:`_spectral_filter`, its FFTs run chunk by chunk in a loop.
@@ -369,7 +411,8 @@ def _chunked_spectral_filter(v, s_re, s_im, pairwise, blocks):
   merging are reshapes; a ``lax.scan`` runs them one after another, so that
   each FFT's scratch stays small (see ``CPU_FFT_CHUNK_BYTES``). Per channel
   a chunk's output has its input's shape and overwrites it in the loop
-  carry (forward: ``v``'s chunks; backward: the cotangent's), instead of
+  carry (forward: ``v``'s chunks; backward: the cotangent's; see
+  :func:`_loop_carry`), instead of
   filling a new stacked output: at 128 channels, 256^2, batch 16, XLA's
   temporary memory for the layer's fwd+bwd fell from 2,740 to 2,305 MB.
   Same values as :func:`_spectral_filter` (the symbol gradient is summed
@@ -400,15 +443,18 @@ def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks):
                                           pairwise)
     return None, (out, spec)
 
-  def in_place(buf, k):
-    _, (out, spec) = one_chunk(None, (k, jax.lax.dynamic_index_in_dim(buf, k, keepdims=False)))
-    return jax.lax.dynamic_update_index_in_dim(buf, out, k, 0), spec
+  rows = _cuts_rows(v.shape, block0, block1)
 
-  xs = _chunks(v, block0, block1, pairwise)
+  def in_place(carry, k):
+    _, (out, spec) = one_chunk(None, (k, _get_chunk(carry, k, block1, rows)))
+    return _put_chunk(carry, out, k, rows), spec
+
   if pairwise:
+    xs = _chunks(v, block0, block1, pairwise)
     _, (out, spec) = jax.lax.scan(one_chunk, None, (jnp.arange(xs.shape[0]), xs))
   else:
-    out, spec = jax.lax.scan(in_place, xs, jnp.arange(xs.shape[0]))
+    out, spec = jax.lax.scan(in_place, _loop_carry(v, block0, block1),
+                             jnp.arange(_num_chunks(v, block0, block1)))
   return out.reshape(v.shape[0], -1, *out.shape[-2:]), (spec, jax.lax.complex(s_re, s_im))
 
 
@@ -432,17 +478,20 @@ def _chunked_spectral_filter_bwd(pairwise, blocks, residuals, g):
     block = jax.lax.dynamic_slice_in_dim(p, start, block0, axis=0) + p_chunk
     return jax.lax.dynamic_update_slice_in_dim(p, block, start, axis=0), grad_v
 
+  rows = not pairwise and _cuts_rows(g.shape, block0, block1)
+
   def in_place(carry, k):
     buf, p = carry
-    p, grad_v = one_chunk(p, (k, jax.lax.dynamic_index_in_dim(buf, k, keepdims=False),
+    p, grad_v = one_chunk(p, (k, _get_chunk(buf, k, block1, rows),
                               jax.lax.dynamic_index_in_dim(spec, k, keepdims=False)))
-    return (jax.lax.dynamic_update_index_in_dim(buf, grad_v, k, 0), p), None
+    return (_put_chunk(buf, grad_v, k, rows), p), None
 
-  gs = _chunks(g, block0, block1, pairwise)
   if pairwise:
+    gs = _chunks(g, block0, block1, pairwise)
     p, grad_v = jax.lax.scan(one_chunk, jnp.zeros_like(s), (jnp.arange(gs.shape[0]), gs, spec))
   else:
-    (grad_v, p), _ = jax.lax.scan(in_place, (gs, jnp.zeros_like(s)), jnp.arange(gs.shape[0]))
+    (grad_v, p), _ = jax.lax.scan(in_place, (_loop_carry(g, block0, block1), jnp.zeros_like(s)),
+                                  jnp.arange(_num_chunks(g, block0, block1)))
   return (grad_v.reshape(g.shape[0], -1, *grad_v.shape[-2:]), *_symbol_gradient(p, g.shape[-2:]))
 
 
