@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -514,6 +515,12 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   The MFC is compared with XLA's direct 3x3 conv (``mfc_over_conv_*``, the
   issue's target) and, when this run's convs are Winograd (CPU by default),
   also with the Winograd conv the models use (``mfc_over_winograd_*``).
+  At each channel count and size the layers' programs are timed in
+  ``config.repeats`` interleaved rounds (:func:`_time_interleaved`), as the
+  steps are: each figure is a median over rounds, each ratio the ratio of
+  two medians, and ``*_rounds`` lists the ratio in every round. (Timed one
+  layer after another, the MFC against the Winograd conv at 128^2 read
+  0.92-0.94 on one day and 1.03-1.05 on another, 2026-12-05 and 12-06.)
   """
   layers = [name for name in BENCH_LAYERS
             if name != "conv3x3-winograd"
@@ -522,6 +529,7 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   for channels in config.mfc_channels:
     for size in config.mfc_sizes:
       row = {"channels": channels, "size": size, "batch": config.mfc_batch}
+      programs = {}
       for name in layers:
         progress(f"  {name} {channels}ch {size}^2 ...")
         layer, params, x, loss = layer_problem(name, channels, size, config.mfc_batch)
@@ -529,18 +537,21 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
           chunking = layer.fft_chunking(x.shape, x.dtype)
         fwd = jax.jit(layer.apply)
         fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        jax.block_until_ready(fwd(params, x))
-        jax.block_until_ready(fwd_bwd(params, x))
         key = name.replace("-", "_")
-        row[f"{key}_forward"] = _median_seconds(lambda: fwd(params, x), config.repeats)[0]
-        row[f"{key}_forward_backward"] = _median_seconds(lambda: fwd_bwd(params, x),
-                                                         config.repeats)[0]
-      row["mfc_over_conv_forward_backward"] = (row["mfc_forward_backward"]
-                                               / row["conv3x3_forward_backward"])
+        programs[f"{key}_forward"] = functools.partial(fwd, params, x)
+        programs[f"{key}_forward_backward"] = functools.partial(fwd_bwd, params, x)
+      for program in programs.values():  # compile and warm up
+        jax.block_until_ready(program())
+      times = _time_interleaved(programs, config.repeats)
+      row.update({key: statistics.median(ts) for key, ts in times.items()})
+      for other, reference in (("conv", "conv3x3"), ("winograd", "conv3x3_winograd")):
+        if f"{reference}_forward_backward" in times:
+          row[f"mfc_over_{other}_forward_backward"] = (
+              row["mfc_forward_backward"] / row[f"{reference}_forward_backward"])
+          row[f"mfc_over_{other}_forward_backward_rounds"] = [
+              a / b for a, b in zip(times["mfc_forward_backward"],
+                                    times[f"{reference}_forward_backward"])]
       row["mfc_fft_chunking"] = None if chunking is None else list(chunking)
-      if "conv3x3_winograd_forward_backward" in row:
-        row["mfc_over_winograd_forward_backward"] = (
-            row["mfc_forward_backward"] / row["conv3x3_winograd_forward_backward"])
       rows.append(row)
   return rows
 
@@ -1043,23 +1054,29 @@ def steps_table(rows: list[dict]) -> str:
   return f"MGE with {levels} levels\n\n" + "\n".join(lines)
 
 
+def _ratio_cell(row: dict, other: str) -> str:
+  """``0.93 (0.90-0.97)``: an MFC ratio of medians and its per-round range."""
+  ratio = row[f"mfc_over_{other}_forward_backward"]
+  rounds = row.get(f"mfc_over_{other}_forward_backward_rounds")
+  return f"{ratio:.2f}" + (f" ({min(rounds):.2f}-{max(rounds):.2f})" if rounds else "")
+
+
 def mfc_table(rows: list[dict]) -> str:
   if not rows:
     return ""
   winograd = "conv3x3_winograd_forward_backward" in rows[0]
   head = ["channels", "res", "3x3 conv fwd s", "MFC fwd s", "3x3 conv fwd+bwd s",
-          "MFC fwd+bwd s", "MFC / conv (fwd+bwd)"]
+          "MFC fwd+bwd s", "MFC / conv (fwd+bwd; per round)"]
   if winograd:
-    head += ["Winograd 3x3 conv fwd+bwd s", "MFC / Winograd conv (fwd+bwd)"]
+    head += ["Winograd 3x3 conv fwd+bwd s", "MFC / Winograd conv (fwd+bwd; per round)"]
   head.append("MFC FFT chunks (images x channels)")
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     cells = [str(r["channels"]), str(r["size"]), f"{r['conv3x3_forward']:.4g}",
              f"{r['mfc_forward']:.4g}", f"{r['conv3x3_forward_backward']:.4g}",
-             f"{r['mfc_forward_backward']:.4g}", f"{r['mfc_over_conv_forward_backward']:.2f}"]
+             f"{r['mfc_forward_backward']:.4g}", _ratio_cell(r, "conv")]
     if winograd:
-      cells += [f"{r['conv3x3_winograd_forward_backward']:.4g}",
-                f"{r['mfc_over_winograd_forward_backward']:.2f}"]
+      cells += [f"{r['conv3x3_winograd_forward_backward']:.4g}", _ratio_cell(r, "winograd")]
     chunking = r.get("mfc_fft_chunking")
     cells.append("none" if chunking is None else f"{chunking[0]} x {chunking[1]}")
     lines.append("| " + " | ".join(cells) + " |")

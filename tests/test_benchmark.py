@@ -31,6 +31,10 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
   assert mfc["mfc_over_winograd_forward_backward"] == pytest.approx(
       mfc["mfc_forward_backward"] / mfc["conv3x3_winograd_forward_backward"])
   assert "MFC / Winograd conv" in (tmp_path / "benchmark.md").read_text()
+  # Timed in interleaved rounds: one round here, whose ratio is the ratio of medians.
+  for other in ("conv", "winograd"):
+    assert mfc[f"mfc_over_{other}_forward_backward_rounds"] == [
+        pytest.approx(mfc[f"mfc_over_{other}_forward_backward"])]
   # The smoke layer's spectrum is small: its FFTs run unchunked, and the table says so.
   assert mfc["mfc_fft_chunking"] is None
   assert "MFC FFT chunks" in (tmp_path / "benchmark.md").read_text()
