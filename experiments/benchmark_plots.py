@@ -14,7 +14,8 @@ One figure per section found in the results (``BENCH`` below is the
   Full-Multiscale run, with single-scale's final MSE as the target line.
 * ``mfc``: forward+backward time of the mesh-free conv over a 3x3 conv's,
   per channel count and mesh, against XLA's direct conv and (on CPU) the
-  Winograd conv; the target is at or below 1.
+  Winograd conv, with the per-round range where the run has one; the
+  target is at or below 1.
 * ``loss_eval``: the MGE paper's Table 1 analogue, speed ratio beside the
   #WU ratio per finest mesh.
 
@@ -191,11 +192,17 @@ def mfc_figure(rows: list[dict], title: str):
   for channels in sorted({r["channels"] for r in rows}):
     mine = sorted((r for r in rows if r["channels"] == channels), key=lambda r: r["size"])
     sizes = [r["size"] for r in mine]
-    ax.plot(sizes, [r["mfc_over_conv_forward_backward"] for r in mine], marker="o",
-            label=f"{channels} ch, vs XLA's 3x3 conv")
-    if all("mfc_over_winograd_forward_backward" in r for r in mine):
-      ax.plot(sizes, [r["mfc_over_winograd_forward_backward"] for r in mine], marker="s",
-              linestyle="--", label=f"{channels} ch, vs the Winograd 3x3 conv")
+    for other, marker, style, name in (("conv", "o", "-", "XLA's 3x3 conv"),
+                                       ("winograd", "s", "--", "the Winograd 3x3 conv")):
+      key = f"mfc_over_{other}_forward_backward"
+      if not all(key in r for r in mine):
+        continue
+      ratios = [r[key] for r in mine]
+      # Per-round ranges where the run timed the layers in interleaved rounds.
+      spread = [[q - min(r.get(f"{key}_rounds") or [q]) for q, r in zip(ratios, mine)],
+                [max(r.get(f"{key}_rounds") or [q]) - q for q, r in zip(ratios, mine)]]
+      ax.errorbar(sizes, ratios, yerr=spread, marker=marker, linestyle=style, capsize=3,
+                  label=f"{channels} ch, vs {name}")
   ax.axhline(1.0, color="black", linewidth=1, label="target: at or below 1")
   ax.set_xscale("log", base=2)
   sizes = sorted({r["size"] for r in rows})

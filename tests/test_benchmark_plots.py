@@ -123,3 +123,16 @@ def test_cli_merges_files_and_reports_bad_input(tmp_path, capsys):
   gpu.write_text(json.dumps(_results("gpu", steps=[_row("resnet", 64, 3.5)])))
   with pytest.raises(SystemExit, match="several backends"):
     bp.main([str(a), str(gpu)])
+
+
+def test_mfc_figure_draws_each_ratio_with_its_round_range():
+  rows = [{"channels": 128, "size": s, "mfc_over_conv_forward_backward": r,
+           "mfc_over_conv_forward_backward_rounds": [r - 0.1, r, r + 0.2]}
+          for s, r in ((256, 0.6), (128, 0.5))]
+  fig = bp.mfc_figure(rows, "t")
+  (container,) = fig.axes[0].containers   # no Winograd ratios: one line
+  data_line, _, (bars,) = container.lines
+  assert list(data_line.get_xdata()) == [128, 256]
+  assert list(data_line.get_ydata()) == [0.5, 0.6]
+  ranges = sorted(tuple(round(float(y), 6) for y in seg[:, 1]) for seg in bars.get_segments())
+  assert ranges == [(0.4, 0.7), (0.5, 0.8)]
