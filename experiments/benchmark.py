@@ -509,7 +509,7 @@ def layer_problem(layer_name: str, channels: int, size: int, batch: int):
   return layer, params, x, loss
 
 
-def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
+def bench_mfc(config: BenchConfig, progress=print, settle: int = 1) -> list[dict]:
   """Section ``mfc``: each layer's forward and forward+backward seconds.
 
   The MFC is compared with XLA's direct 3x3 conv (``mfc_over_conv_*``, the
@@ -521,6 +521,10 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
   two medians, and ``*_rounds`` lists the ratio in every round. (Timed one
   layer after another, the MFC against the Winograd conv at 128^2 read
   0.92-0.94 on one day and 1.03-1.05 on another, 2026-12-05 and 12-06.)
+  ``settle`` untimed calls precede each timed one (``--settle``): without
+  them each call was the first after another layer's program, and on this
+  CPU VM paid for faulting its buffers in afresh (the Winograd conv at 256^2
+  took 6.8 s a call against 2.3-2.5 s timed on its own).
   """
   layers = [name for name in BENCH_LAYERS
             if name != "conv3x3-winograd"
@@ -542,7 +546,7 @@ def bench_mfc(config: BenchConfig, progress=print) -> list[dict]:
         programs[f"{key}_forward_backward"] = functools.partial(fwd_bwd, params, x)
       for program in programs.values():  # compile and warm up
         jax.block_until_ready(program())
-      times = _time_interleaved(programs, config.repeats)
+      times = _time_interleaved(programs, config.repeats, settle)
       row.update({key: statistics.median(ts) for key, ts in times.items()})
       for other, reference in (("conv", "conv3x3"), ("winograd", "conv3x3_winograd")):
         if f"{reference}_forward_backward" in times:
@@ -1109,9 +1113,9 @@ def parse_args(argv=None):
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
   p.add_argument("--settle", type=int, default=1,
-                 help="steps: untimed calls before each timed call of every round, as "
-                      "in a training loop (default 1 since 2026-12-05; the CPU tables "
-                      "before that date were timed with 0)")
+                 help="steps and mfc: untimed calls before each timed call of every "
+                      "round, as in a training loop (default 1 since 2026-12-05; the CPU "
+                      "tables before that date were timed with 0)")
   p.add_argument("--split-step", action="store_true",
                  help="steps and first-step: each MGE step as one program per model pass "
                       "(mgtrain.split_step; experiments.denoise does this by default on "
@@ -1290,7 +1294,7 @@ def main(argv=None) -> dict:
            "warm: a second run, with JAX's persistent compilation cache alone and with "
            "mgtrain's step cache too)", "", first_step_table(out["first_step"])]
   if "mfc" in args.sections:
-    out["mfc"] = bench_mfc(config, progress)
+    out["mfc"] = bench_mfc(config, progress, args.settle)
     md += ["", f"Mesh-free conv vs 3x3 conv, batch {config.mfc_batch}", "",
            mfc_table(out["mfc"])]
   (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
