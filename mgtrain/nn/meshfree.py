@@ -646,14 +646,15 @@ def channel_map_channels_first(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarr
   ``y[o, b, h, w] = sum_i kernel[i, o] x[b, h, w, i]`` with ``kernel`` of
   shape ``(d, c)``: the matrix product ``kernel^T X^T`` with ``X`` the ``(B
   H W, d)`` pixels, so the filter after it needs no layout copy. The
-  gradients are written out as ``dX = G^T kernel^T`` and ``dkernel = X^T
-  G^T`` of the ``(c, B H W)`` cotangent ``G``. XLA on CPU still transposes
-  ``X`` and ``G`` once each (each copy serves two of the three products),
-  but JAX's own transpose rules for the same product cost more: the MFC
-  layer's fwd+bwd at 128 channels, batch 16, took 1.03x (256^2) and 1.11x
-  (128^2) this function's time with them, and 1.24x / 1.02x with the old
-  NHWC channel map and a transposed copy (docs/benchmark_cpu.md, 2026-12-05,
-  eighth session).
+  gradients are written out as ``dX = G^T kernel^T`` and ``dkernel = (G
+  X)^T`` of the ``(c, B H W)`` cotangent ``G``: ``G X`` multiplies both
+  operands as stored, where ``X^T G^T`` had XLA on CPU copy one of them.
+  (XLA still transposes ``X`` once for the forward product and ``G`` once
+  for ``dX``.) The MFC layer's fwd+bwd at 128 channels, 256^2, batch 16
+  took 0.90-0.95x the time with ``X^T G^T`` (0.99x at 128^2; same values
+  bit for bit), which in turn beat JAX's own transpose rules (1.03x at
+  256^2, 1.11x at 128^2) and the old NHWC channel map with a transposed
+  copy (1.24x / 1.02x; docs/benchmark_cpu.md, 2026-12-05 and 12-06).
 
   Example:
     >>> x, k = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 5))
@@ -670,9 +671,13 @@ def _channel_map_fwd(x, kernel):
 def _channel_map_bwd(residuals, g):
   x, kernel = residuals
   pixels = tuple(range(x.ndim - 1))
-  dx = jax.lax.dot_general(g, kernel, (((0,), (1,)), ((), ())))
-  dkernel = jax.lax.dot_general(x, g, ((pixels, tuple(p + 1 for p in pixels)), ((), ())))
-  return dx, dkernel
+  # Both transposes of the small kernel sit behind optimization barriers:
+  # without them XLA folds them into the products' operand order and is
+  # back at the forms that copy or transpose the big operands.
+  kernel_t = jax.lax.optimization_barrier(kernel.T)
+  dx = jax.lax.dot_general(g, kernel_t, (((0,), (0,)), ((), ())))
+  dkernel_t = jax.lax.dot_general(g, x, ((tuple(p + 1 for p in pixels), pixels), ((), ())))
+  return dx, jax.lax.optimization_barrier(dkernel_t).T
 
 
 channel_map_channels_first.defvjp(_channel_map_fwd, _channel_map_bwd)
