@@ -651,7 +651,7 @@ def channel_map_channels_first(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarr
   operands as stored, where ``X^T G^T`` had XLA on CPU copy one of them.
   (XLA still transposes ``X`` once for the forward product and ``G`` once
   for ``dX``.) The MFC layer's fwd+bwd at 128 channels, 256^2, batch 16
-  took 0.90-0.95x the time with ``X^T G^T`` (0.99x at 128^2; same values
+  took 0.90-0.96x the time with ``X^T G^T`` (0.99x at 128^2; same values
   bit for bit), which in turn beat JAX's own transpose rules (1.03x at
   256^2, 1.11x at 128^2) and the old NHWC channel map with a transposed
   copy (1.24x / 1.02x; docs/benchmark_cpu.md, 2026-12-05 and 12-06).
