@@ -434,7 +434,7 @@ def bench_steps(config: BenchConfig, chunk_pixels: int | None | Callable[[int], 
         continue
       same = row[f"single_b{total}"]
       row["speed_ratio"] = same["seconds_per_step"] / mge["seconds_per_step"]
-      row["speed_ratio_rounds"] = [a / b for a, b in zip(same["samples"], mge["samples"])]
+      row["speed_ratio_rounds"] = ratios_per_round(same["samples"], mge["samples"])
       row["wu_ratio"] = same["work_units_per_step"] / mge["work_units_per_step"]
       row["in_base_steps"] = in_base_steps(row[f"single_b{config.base_batch}"],
                                            {mge_key: mge, f"single_b{total}": same})
@@ -464,11 +464,16 @@ def in_base_steps(base: dict, steps: dict[str, dict]) -> dict[str, dict]:
           for k, s in steps.items()}
 
 
+def ratios_per_round(times: list[float], reference: list[float]) -> list[float]:
+  """``times[r] / reference[r]`` for each round ``r`` of two programs timed in
+  the same interleaved rounds: a drift of the machine's speed between
+  rounds cancels out of each."""
+  return [t / r for t, r in zip(times, reference)]
+
+
 def median_ratio_per_round(times: list[float], reference: list[float]) -> float:
-  """The median over rounds of ``times[r] / reference[r]``: a ratio of two
-  steps timed in the same interleaved rounds, from which a drift of the
-  machine's speed between rounds cancels out."""
-  return statistics.median(t / r for t, r in zip(times, reference))
+  """The median of :func:`ratios_per_round`."""
+  return statistics.median(ratios_per_round(times, reference))
 
 
 def _mge_key(levels: int, mode: str, split_step: bool = False) -> str:
@@ -552,9 +557,8 @@ def bench_mfc(config: BenchConfig, progress=print, settle: int = 1) -> list[dict
         if f"{reference}_forward_backward" in times:
           row[f"mfc_over_{other}_forward_backward"] = (
               row["mfc_forward_backward"] / row[f"{reference}_forward_backward"])
-          row[f"mfc_over_{other}_forward_backward_rounds"] = [
-              a / b for a, b in zip(times["mfc_forward_backward"],
-                                    times[f"{reference}_forward_backward"])]
+          row[f"mfc_over_{other}_forward_backward_rounds"] = ratios_per_round(
+              times["mfc_forward_backward"], times[f"{reference}_forward_backward"])
       row["mfc_fft_chunking"] = None if chunking is None else list(chunking)
       rows.append(row)
   return rows

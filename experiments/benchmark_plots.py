@@ -104,6 +104,14 @@ def _finish(fig, ax, xlabel: str | None, ylabel: str, title: str):
   return fig
 
 
+def _round_range(ratio: float, rounds: list[float] | None) -> tuple[float, float]:
+  """Error-bar lengths below and above ``ratio`` reaching its per-round
+  min and max; zero where it lies outside them (a ratio of medians can),
+  or when there are no rounds."""
+  rounds = rounds or [ratio]
+  return max(ratio - min(rounds), 0.0), max(max(rounds) - ratio, 0.0)
+
+
 def _label(row: dict) -> str:
   return f"{MODEL_NAMES.get(row['model'], row['model'])} {row['size']}²"
 
@@ -121,11 +129,10 @@ def steps_figure(rows: list[dict], title: str):
   x = np.arange(len(rows))
   for i, row in enumerate(rows):
     if "speed_ratio" in row:
-      rounds = row.get("speed_ratio_rounds") or [row["speed_ratio"]]
-      low, high = row["speed_ratio"] - min(rounds), max(rounds) - row["speed_ratio"]
+      low, high = _round_range(row["speed_ratio"], row.get("speed_ratio_rounds"))
       met = row["speed_ratio"] >= row.get("wu_ratio", float("inf"))
       ax_ratio.bar(i, row["speed_ratio"], 0.6, color="tab:green" if met else "tab:orange",
-                   yerr=[[max(low, 0.0)], [max(high, 0.0)]], capsize=4)
+                   yerr=[[low], [high]], capsize=4)
       ax_ratio.annotate(f"{row['speed_ratio']:.2f}x", (i, 0.15), ha="center", fontsize=8,
                         color="white", fontweight="bold")
     else:
@@ -199,8 +206,7 @@ def mfc_figure(rows: list[dict], title: str):
         continue
       ratios = [r[key] for r in mine]
       # Per-round ranges where the run timed the layers in interleaved rounds.
-      spread = [[q - min(r.get(f"{key}_rounds") or [q]) for q, r in zip(ratios, mine)],
-                [max(r.get(f"{key}_rounds") or [q]) - q for q, r in zip(ratios, mine)]]
+      spread = list(zip(*(_round_range(q, r.get(f"{key}_rounds")) for q, r in zip(ratios, mine))))
       ax.errorbar(sizes, ratios, yerr=spread, marker=marker, linestyle=style, capsize=3,
                   label=f"{channels} ch, vs {name}")
   ax.axhline(1.0, color="black", linewidth=1, label="target: at or below 1")

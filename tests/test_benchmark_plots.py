@@ -136,3 +136,12 @@ def test_mfc_figure_draws_each_ratio_with_its_round_range():
   assert list(data_line.get_ydata()) == [0.5, 0.6]
   ranges = sorted(tuple(round(float(y), 6) for y in seg[:, 1]) for seg in bars.get_segments())
   assert ranges == [(0.4, 0.7), (0.5, 0.8)]
+
+
+def test_error_bars_stay_non_negative_when_the_ratio_lies_outside_its_rounds():
+  # A ratio of medians can fall outside the per-round ratios.
+  assert bp._round_range(1.0, [1.1, 1.3]) == (0.0, pytest.approx(0.3))
+  assert bp._round_range(2.0, None) == (0.0, 0.0)
+  rows = [{"channels": 32, "size": 64, "mfc_over_conv_forward_backward": 0.9,
+           "mfc_over_conv_forward_backward_rounds": [1.0, 1.2]}]
+  bp.mfc_figure(rows, "t")   # a negative error bar would raise here
