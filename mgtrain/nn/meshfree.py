@@ -443,7 +443,7 @@ def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks):
                                           pairwise)
     return None, (out, spec)
 
-  rows = _cuts_rows(v.shape, block0, block1)
+  rows = not pairwise and _cuts_rows(v.shape, block0, block1)
 
   def in_place(carry, k):
     _, (out, spec) = one_chunk(None, (k, _get_chunk(carry, k, block1, rows)))
