@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import benchmark_plots
+from experiments.cli import nonnegative_int, positive_int
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MODEL_CONVS, \
     build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
@@ -1091,6 +1092,20 @@ def mfc_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def check_hierarchies(config: BenchConfig) -> None:
+  """Exits with the hierarchy's own message if a steps size cannot be halved
+  ``levels - 1`` times, before anything compiles."""
+  import warnings
+  from mgtrain.hierarchy import CoarseMeshWarning, HierarchyError
+  for size in config.sizes:
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoarseMeshWarning)
+        Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch)
+    except HierarchyError as e:
+      raise SystemExit(f"--sizes / --levels / --base-batch: {e}") from None
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1101,22 +1116,22 @@ def parse_args(argv=None):
   p.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS),
                  help=f"any of {SECTIONS} (default: {DEFAULT_SECTIONS})")
   p.add_argument("--models", nargs="+", choices=BENCH_MODELS, default=None)
-  p.add_argument("--sizes", nargs="+", type=int, default=None)
-  p.add_argument("--levels", type=int, default=None)
-  p.add_argument("--base-batch", type=int, default=None)
+  p.add_argument("--sizes", nargs="+", type=positive_int, default=None)
+  p.add_argument("--levels", type=positive_int, default=None)
+  p.add_argument("--base-batch", type=positive_int, default=None)
   p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=None,
                  help="steps and loss-eval: the models' compute dtype (default float32; "
                       "bfloat16 keeps float32 params, Adam and loss)")
   add_conv_algorithm_argument(p)
-  p.add_argument("--repeats", type=int, default=None)
-  p.add_argument("--chunk-pixels", type=int, default=None,
+  p.add_argument("--repeats", type=positive_int, default=None)
+  p.add_argument("--chunk-pixels", type=nonnegative_int, default=None,
                  help="per-level chunking as in experiments.denoise (default on CPU, by "
                       f"each hierarchy's finest mesh: {CPU_CHUNK_RULE}; off on GPU; 0 = off)")
   p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"],
                  help="MGE step variants to time: 'terms' (mgtrain.mge.mge_value_and_grad, "
                       "one pass per term, per-level statistics) and/or 'by-mesh' "
                       "(mge_value_and_grad_by_mesh, one pass per mesh)")
-  p.add_argument("--settle", type=int, default=1,
+  p.add_argument("--settle", type=nonnegative_int, default=1,
                  help="steps and mfc: untimed calls before each timed call of every "
                       "round, as in a training loop (default 1 since 2026-12-05; the CPU "
                       "tables before that date were timed with 0)")
@@ -1133,7 +1148,7 @@ def parse_args(argv=None):
   p.add_argument("--skip-same-samples", action="store_true",
                  help="steps and torch: leave out single-scale on the MGE step's samples "
                       "(b240, the slowest step; the ratios against it are then n/a)")
-  p.add_argument("--same-samples-accumulate", type=int, default=0,
+  p.add_argument("--same-samples-accumulate", type=nonnegative_int, default=0,
                  help="steps: split single-scale on the MGE step's samples into this many "
                       "accumulated micro-batches (0: only where it would not fit in memory)")
   p.add_argument("--torch-bracket", action=argparse.BooleanOptionalAction, default=True,
@@ -1150,20 +1165,20 @@ def parse_args(argv=None):
                  help="time-to-mse: denoising model")
   p.add_argument("--ttm-data-dir", default=None,
                  help="time-to-mse: image folder (default: the bundled photographs)")
-  p.add_argument("--ttm-scales", nargs="+", type=int, default=[1, 2, 4],
+  p.add_argument("--ttm-scales", nargs="+", type=positive_int, default=[1, 2, 4],
                  help="time-to-mse: Full-Multiscale iteration multipliers to try, in order")
-  p.add_argument("--ttm-eval-every", type=int, default=20)
+  p.add_argument("--ttm-eval-every", type=positive_int, default=20)
   p.add_argument("--ttm-split-step", choices=AUTO_CHOICES, default="auto",
                  help="time-to-mse: train as experiments.denoise --split-step does (auto: "
                       "one program per model pass on a one-device CPU, as that CLI runs "
                       "by default)")
   p.add_argument("--loss-eval-model", default="unet", choices=BENCH_MODELS,
                  help="loss-eval: model (the paper's Table 1 uses the UNet)")
-  p.add_argument("--loss-eval-sizes", nargs="+", type=int, default=None,
+  p.add_argument("--loss-eval-sizes", nargs="+", type=positive_int, default=None,
                  help="loss-eval: finest meshes (default: the config's)")
-  p.add_argument("--loss-eval-chunk-pixels", type=int, default=16 * 64 * 64,
+  p.add_argument("--loss-eval-chunk-pixels", type=positive_int, default=16 * 64 * 64,
                  help="loss-eval: samples x pixels per evaluated chunk")
-  p.add_argument("--pipeline-steps", type=int, default=None,
+  p.add_argument("--pipeline-steps", type=positive_int, default=None,
                  help="pipeline: steps per measurement (default 200 on GPU, 20 on CPU)")
   p.add_argument("--first-step-runs", nargs="+", choices=FIRST_STEP_RUNS,
                  default=list(FIRST_STEP_RUNS),
@@ -1197,6 +1212,8 @@ def main(argv=None) -> dict:
       loss_eval_sizes=tuple(args.loss_eval_sizes) if args.loss_eval_sizes else None,
   ).items() if v is not None}
   config = dataclasses.replace(config, **overrides)
+  if {"steps", "torch"} & set(args.sections):
+    check_hierarchies(config)
 
   def chunk_for(finest_size: int) -> int | None:
     return resolve_chunk_pixels(args.chunk_pixels, backend, finest_size)

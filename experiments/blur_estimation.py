@@ -133,6 +133,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from experiments.cli import nonnegative_int, positive_int
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import RESTRICTIONS, Hierarchy
 from mgtrain.nn.meshfree import MeshFreeConv
@@ -882,13 +883,13 @@ def parse_args(argv=None):
   p.add_argument("--workdir", default=None, help="output directory (default runs/blur-CONFIG)")
   p.add_argument("--restriction", default="average", choices=RESTRICTIONS,
                  help="restriction of (u, y) to coarser meshes (default 2x2 averages)")
-  p.add_argument("--iterations", type=int, default=None,
+  p.add_argument("--iterations", type=positive_int, default=None,
                  help="override the single-scale/Multiscale budget")
   p.add_argument("--lr-standard", type=float, default=None)
   p.add_argument("--lr-mfc", type=float, default=None)
-  p.add_argument("--mfc-channels", type=int, default=None)
-  p.add_argument("--eval-every", type=int, default=None)
-  p.add_argument("--patience", type=int, default=None, help="0 disables early stopping")
+  p.add_argument("--mfc-channels", type=positive_int, default=None)
+  p.add_argument("--eval-every", type=positive_int, default=None)
+  p.add_argument("--patience", type=nonnegative_int, default=None, help="0 disables early stopping")
   p.add_argument("--rel-tol", type=float, default=None)
   p.add_argument("--reach-tol", type=float, default=None)
   p.add_argument("--stop-mesh", default="fine", choices=("fine", "stage"),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.cli import nonnegative_int, positive_int
 from experiments.configs import CONFIGS, DenoiseConfig, get_config
 from mgtrain import full_multiscale as fm
 from mgtrain import metrics
@@ -560,7 +561,7 @@ def parse_args(argv=None):
   p.add_argument("--strategy", default="all",
                  choices=list(fm.STRATEGIES) + ["all"])
   p.add_argument("--model", default="resnet", choices=MODELS)
-  p.add_argument("--levels", type=int, default=None,
+  p.add_argument("--levels", type=positive_int, default=None,
                  help="number of levels L (default: the config's)")
   p.add_argument("--compute-dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
                  help="the model's compute dtype: bfloat16 runs convs and activations "
@@ -586,15 +587,15 @@ def parse_args(argv=None):
                       "with a tfds --dataset")
   p.add_argument("--download", action="store_true",
                  help="let tfds download a named dataset (needs network)")
-  p.add_argument("--max-images", type=int, default=None)
-  p.add_argument("--iterations", type=int, default=None,
+  p.add_argument("--max-images", type=positive_int, default=None)
+  p.add_argument("--iterations", type=positive_int, default=None,
                  help="override single-scale/Multiscale iterations and the "
                       "Full-Multiscale coarsest-stage iterations")
   p.add_argument("--learning-rate", type=float, default=None,
                  help="override the config's Adam learning rate")
-  p.add_argument("--base-batch", type=int, default=None,
+  p.add_argument("--base-batch", type=positive_int, default=None,
                  help="override N0, the finest level's batch")
-  p.add_argument("--batch-growth", type=int, default=None,
+  p.add_argument("--batch-growth", type=positive_int, default=None,
                  help="batch factor per coarser level, N_j = growth^j N0 (config default "
                       "2, as in the reference code; the paper suggests 2 to 4). "
                       "Single-scale uses the same samples, sum_j N_j")
@@ -605,7 +606,7 @@ def parse_args(argv=None):
                  help="directory of compiled train steps (mgtrain.step_cache), so a "
                       "second run of the same config skips tracing and compiling "
                       "('' to disable; not used with --level-parallel)")
-  p.add_argument("--chunk-pixels", type=int, default=None,
+  p.add_argument("--chunk-pixels", type=nonnegative_int, default=None,
                  help="evaluate each level's batch in sub-batches of at most this "
                       "many samples x pixels (same gradient). Default on CPU (faster "
                       f"there), by the finest mesh: {CPU_CHUNK_RULE}; off on GPU; 0 = off")
@@ -622,7 +623,7 @@ def parse_args(argv=None):
                       "times faster loads from the step cache; on a 2-core CPU the cpu "
                       "config ran 1.15x faster. auto: on on CPU with one device, off "
                       "elsewhere (not yet measured on a GPU)")
-  p.add_argument("--devices", type=int, default=None,
+  p.add_argument("--devices", type=nonnegative_int, default=None,
                  help="data parallelism over this many devices (0 = all; default 1, "
                       "or all with --level-parallel); every level's batch must divide "
                       "evenly")
@@ -636,8 +637,8 @@ def parse_args(argv=None):
   p.add_argument("--coordinator", default=None,
                  help="with --distributed: coordinator host:port (default: detect "
                       "from SLURM / MPI / Kubernetes)")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--num-processes", type=positive_int, default=None)
+  p.add_argument("--process-id", type=nonnegative_int, default=None)
   p.add_argument("--compile-ahead", choices=AUTO_CHOICES, default="auto",
                  help="compile each next Full-Multiscale stage's step in a background "
                       "thread while the current stage trains (same results). auto: on "

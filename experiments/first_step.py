@@ -43,20 +43,21 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from experiments import runtime  # noqa: E402,F401  (process set-up before jax)
+from experiments.cli import nonnegative_int, positive_int  # noqa: E402
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(prog="python -m experiments.first_step", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="unet")
-  p.add_argument("--size", type=int, default=64)
-  p.add_argument("--levels", type=int, default=4)
-  p.add_argument("--base-batch", type=int, default=16)
+  p.add_argument("--size", type=positive_int, default=64)
+  p.add_argument("--levels", type=positive_int, default=4)
+  p.add_argument("--base-batch", type=positive_int, default=16)
   p.add_argument("--mge", choices=("by-mesh", "terms", "single"), default="by-mesh")
   p.add_argument("--split-step", action="store_true",
                  help="the MGE step as one program per model pass (mgtrain.split_step), "
                       "loaded or compiled side by side")
-  p.add_argument("--chunk-pixels", type=int, default=0, help="0: no chunking")
+  p.add_argument("--chunk-pixels", type=nonnegative_int, default=0, help="0: no chunking")
   # Not experiments.denoise.add_sequential_argument: importing denoise here
   # would import jax before the "imports" phase is timed.
   p.add_argument("--sequential", choices=("auto", "on", "off"), default="auto",

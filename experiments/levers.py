@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
     _time_interleaved, median_ratio_per_round
+from experiments.cli import nonnegative_int, positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn, \
     sample_denoise_batch
 from mgtrain import full_multiscale as fm
@@ -145,13 +146,13 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--config", choices=("default", "smoke"), default="default",
                  help="smoke: ResNet at 16^2, 2 levels, batch 1 (seconds)")
   p.add_argument("--model", choices=BENCH_MODELS, default="resnet")
-  p.add_argument("--sizes", nargs="+", type=int, default=None)
-  p.add_argument("--levels", type=int, default=None)
-  p.add_argument("--base-batch", type=int, default=None)
+  p.add_argument("--sizes", nargs="+", type=positive_int, default=None)
+  p.add_argument("--levels", type=positive_int, default=None)
+  p.add_argument("--base-batch", type=positive_int, default=None)
   p.add_argument("--mge", nargs="+", choices=("terms", "by-mesh"), default=["terms", "by-mesh"])
   p.add_argument("--options", nargs="+", type=json.loads, default=[{}],
                  help="XLA compile options per variant, as JSON objects")
-  p.add_argument("--chunk-pixels", nargs="+", type=int, default=[0],
+  p.add_argument("--chunk-pixels", nargs="+", type=nonnegative_int, default=[0],
                  help="per-batch chunk sizes (samples x pixels) to try; 0 = no chunking")
   p.add_argument("--compute-dtype", nargs="+", choices=sorted(COMPUTE_DTYPES),
                  default=["float32"],
@@ -165,10 +166,10 @@ def main(argv=None) -> list[dict]:
                  help="draw each MGE term's samples on its finest mesh (coarse, the "
                       "default) and/or all on the finest mesh (fine; mgtrain.sampling)")
   add_conv_algorithm_argument(p, nargs="+")
-  p.add_argument("--single-batch", type=int, default=0,
+  p.add_argument("--single-batch", type=nonnegative_int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
-  p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--settle", type=int, default=1,
+  p.add_argument("--repeats", type=positive_int, default=20)
+  p.add_argument("--settle", type=nonnegative_int, default=1,
                  help="untimed calls before each timed call (see experiments.benchmark "
                       "--settle; default 1 since 2026-12-05, 0 before)")
   p.add_argument("--workdir", default="runs/levers")

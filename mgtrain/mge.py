@@ -216,6 +216,9 @@ def chunk_size(batch: int, pixels: int, max_pixels: int | None,
   >>> chunk_size(240, 256 * 256, 2**18), chunk_size(240, 256 * 256, 2**18, max_chunks=None)
   (15, 4)
   """
+  if max_pixels is not None and max_pixels < 1:
+    raise ValueError(f"max_pixels must be a positive number of samples x pixels (None: one "
+                     f"chunk), got {max_pixels!r}")
   if max_pixels is None or batch * pixels <= max_pixels:
     return batch
   best = 1

@@ -1,6 +1,7 @@
 """The benchmark CLI writes its JSON and tables, and its set-ups match the papers."""
 
 import json
+import re
 
 import pytest
 
@@ -211,6 +212,20 @@ def test_torch_table_ratios():
 def test_unknown_section_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match="unknown section"):
     benchmark.main(["--config", "smoke", "--sections", "bogus", "--workdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "63"], "image side 63 is not divisible"),
+    (["--sizes", "16", "--levels", "0"], "must be a positive integer"),
+])
+def test_bad_hierarchy_exits_before_anything_compiles(tmp_path, capsys, argv, message):
+  """A size the levels cannot halve is refused up front (argparse or the
+  hierarchy's own message), and no result file is started."""
+  with pytest.raises(SystemExit) as exc:
+    benchmark.main(["--config", "smoke", "--sections", "steps", "--workdir", str(tmp_path)]
+                   + argv)
+  assert re.search(message, str(exc.value) + capsys.readouterr().err)
+  assert not (tmp_path / "benchmark.json").exists()
 
 
 def test_torch_table_keeps_the_steps_of_a_killed_run():

@@ -158,6 +158,13 @@ def test_chunk_size_against_brute_force(batch, pixels, max_pixels):
   assert uncapped == max(fits, default=1)
 
 
+@pytest.mark.parametrize("max_pixels", [0, -5])
+def test_chunk_size_rejects_a_budget_below_one_pixel(max_pixels):
+  """0 or a negative budget is an error, not silently one image per chunk."""
+  with pytest.raises(ValueError, match="max_pixels must be a positive"):
+    chunk_size(16, 64, max_pixels)
+
+
 @pytest.mark.parametrize("levels,chunk", [(1, None), (3, None), (3, 512)])
 def test_by_mesh_equals_per_term_estimate(tiny_model, levels, chunk):
   """One pass per mesh gives Eq. 6's loss, terms and summed gradient."""

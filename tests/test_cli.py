@@ -1,0 +1,50 @@
+"""Argument types of the experiment CLIs (experiments.cli) and their use."""
+
+import argparse
+
+import pytest
+
+from experiments import benchmark, blur_estimation, denoise, first_step, levers
+from experiments.cli import nonnegative_int, positive_int
+
+
+@pytest.mark.parametrize("text,value", [("1", 1), ("240", 240), (" 7 ", 7)])
+def test_positive_int_accepts_counts(text, value):
+  assert positive_int(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "x", ""])
+def test_positive_int_refuses_the_rest(text):
+  with pytest.raises(argparse.ArgumentTypeError, match="must be a positive integer"):
+    positive_int(text)
+
+
+def test_nonnegative_int_keeps_zero_and_refuses_negatives():
+  assert nonnegative_int("0") == 0 and nonnegative_int("16384") == 16384
+  with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 0"):
+    nonnegative_int("-1")
+
+
+@pytest.mark.parametrize("parse,argv", [
+    (benchmark.parse_args, ["--repeats", "0"]),
+    (benchmark.parse_args, ["--chunk-pixels", "-5"]),
+    (benchmark.parse_args, ["--sizes", "64", "0"]),
+    (denoise.parse_args, ["--iterations", "0"]),
+    (denoise.parse_args, ["--chunk-pixels", "-1"]),
+    (denoise.parse_args, ["--devices", "-2"]),
+    (levers.main, ["--repeats", "0"]),
+    (blur_estimation.parse_args, ["--eval-every", "0"]),
+    (first_step.main, ["--size", "0"]),
+])
+def test_every_cli_refuses_a_bad_count_when_parsing(parse, argv, capsys):
+  with pytest.raises(SystemExit) as exc:
+    parse(argv)
+  assert exc.value.code == 2            # argparse's usage error, before any work
+  assert "must be" in capsys.readouterr().err
+
+
+def test_zero_keeps_its_meaning_where_it_has_one():
+  """0 is "off" for --chunk-pixels and "all devices" for --devices."""
+  args = denoise.parse_args(["--chunk-pixels", "0", "--devices", "0"])
+  assert args.chunk_pixels == 0 and args.devices == 0
+  assert benchmark.parse_args(["--settle", "0"]).settle == 0
