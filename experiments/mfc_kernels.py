@@ -83,6 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli import positive_int
 from mgtrain.nn import meshfree
 
 IMAGE_SIZES = (32, 64, 128, 256)
@@ -347,10 +348,10 @@ def main(argv=None):
   p.add_argument("--length-scale", type=float, default=1.0 / 20,
                  help="unit of the Figure 3 coefficients (fraction of the image side)")
   p.add_argument("--columns", type=int, default=5, help="panels per figure row")
-  p.add_argument("--image-sizes", type=int, nargs="+", default=list(IMAGE_SIZES))
-  p.add_argument("--kernel-sizes", type=int, nargs="+", default=list(KERNEL_SIZES))
-  p.add_argument("--channels", type=int, default=3)
-  p.add_argument("--wide-channels", type=int, default=128)
+  p.add_argument("--image-sizes", type=positive_int, nargs="+", default=list(IMAGE_SIZES))
+  p.add_argument("--kernel-sizes", type=positive_int, nargs="+", default=list(KERNEL_SIZES))
+  p.add_argument("--channels", type=positive_int, default=3)
+  p.add_argument("--wide-channels", type=positive_int, default=128)
   p.add_argument("--no-backward", dest="backward", action="store_false",
                  help="skip the forward + backward counts")
   p.add_argument("--quick", action="store_true",

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from experiments import benchmark, blur_estimation, denoise, first_step, levers
+from experiments import benchmark, blur_estimation, denoise, first_step, levers, mfc_kernels
 from experiments.cli import nonnegative_int, positive_int
 
 
@@ -35,6 +35,8 @@ def test_nonnegative_int_keeps_zero_and_refuses_negatives():
     (levers.main, ["--repeats", "0"]),
     (blur_estimation.parse_args, ["--eval-every", "0"]),
     (first_step.main, ["--size", "0"]),
+    (mfc_kernels.main, ["--channels", "0"]),
+    (mfc_kernels.main, ["--image-sizes", "16", "-32"]),
 ])
 def test_every_cli_refuses_a_bad_count_when_parsing(parse, argv, capsys):
   with pytest.raises(SystemExit) as exc:
