@@ -73,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -91,7 +92,7 @@ from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MO
     sample_denoise_batch
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
-from mgtrain.hierarchy import Hierarchy
+from mgtrain.hierarchy import CoarseMeshWarning, Hierarchy, HierarchyError
 from mgtrain.mge import chunk_cap, chunk_size, level_views
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import get_conv, resolve_conv_algorithm, standard_conv
@@ -1095,8 +1096,6 @@ def mfc_table(rows: list[dict]) -> str:
 def check_hierarchies(config: BenchConfig) -> None:
   """Exits with the hierarchy's own message if a steps size cannot be halved
   ``levels - 1`` times, before anything compiles."""
-  import warnings
-  from mgtrain.hierarchy import CoarseMeshWarning, HierarchyError
   for size in config.sizes:
     try:
       with warnings.catch_warnings():

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark import _median_seconds
+from experiments.cli import positive_int
 from mgtrain.nn import meshfree, winograd
 
 LEVERS = ("winograd", "host-fft", "bias-dot")
@@ -281,10 +282,10 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
   p.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS))
-  p.add_argument("--size", type=int, default=None)
-  p.add_argument("--batch", type=int, default=None)
-  p.add_argument("--channels", type=int, default=None)
-  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--size", type=positive_int, default=None)
+  p.add_argument("--batch", type=positive_int, default=None)
+  p.add_argument("--channels", type=positive_int, default=None)
+  p.add_argument("--repeats", type=positive_int, default=None)
   p.add_argument("--workdir", default="runs/layer_levers")
   args = p.parse_args(argv)
   size, batch, channels, repeats = CONFIGS[args.config]
@@ -292,9 +293,6 @@ def parse_args(argv=None):
   args.batch = batch if args.batch is None else args.batch
   args.channels = channels if args.channels is None else args.channels
   args.repeats = repeats if args.repeats is None else args.repeats
-  for name in ("size", "batch", "channels", "repeats"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   if "winograd" in args.levers and args.size % 2:
     p.error(f"--size must be even for the winograd lever, got {args.size}")
   return args

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
+from experiments.cli import positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, \
     add_sequential_argument, make_loss_fn, resolve_sequential
 from mgtrain import full_multiscale as fm
@@ -113,21 +114,16 @@ def parse_args(argv=None):
                  help="step: the model's compute dtype (float32 params either way)")
   add_sequential_argument(p)
   add_conv_algorithm_argument(p)
-  p.add_argument("--size", type=int, default=None, help="finest mesh (step) or image side (layer)")
-  p.add_argument("--levels", type=int, default=None)
-  p.add_argument("--base-batch", type=int, default=None)
-  p.add_argument("--channels", type=int, default=None, help="layer channels")
-  p.add_argument("--batch", type=int, default=None, help="layer batch")
-  p.add_argument("--calls", type=int, default=None, help="traced calls (after one warm-up)")
+  p.add_argument("--size", type=positive_int, default=None, help="finest mesh (step) or image side (layer)")
+  p.add_argument("--levels", type=positive_int, default=None)
+  p.add_argument("--base-batch", type=positive_int, default=None)
+  p.add_argument("--channels", type=positive_int, default=None, help="layer channels")
+  p.add_argument("--batch", type=positive_int, default=None, help="layer batch")
+  p.add_argument("--calls", type=positive_int, default=None, help="traced calls (after one warm-up)")
   p.add_argument("--top", type=int, default=20, help="instructions in the Markdown table")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
   p.add_argument("--workdir", default="runs/profile")
-  args = p.parse_args(argv)
-  for name in ("size", "levels", "base_batch", "channels", "batch", "calls"):
-    value = getattr(args, name)
-    if value is not None and value < 1:
-      p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-  return args
+  return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
