@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import _median_seconds
+from experiments.cli import positive_int
 from experiments.layer_levers import conv3x3
 from mgtrain.nn.conv_dispatch import Conv3x3Dispatch
 from mgtrain.nn.im2col import im2col_conv3x3
@@ -98,18 +99,16 @@ def parse_args(argv=None):
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-  p.add_argument("--channels", type=int, nargs="+", default=None)
+  p.add_argument("--channels", type=positive_int, nargs="+", default=None)
   p.add_argument("--shapes", type=parse_shape, nargs="+", default=None,
                  help="MESHxBATCH pairs (default: the config's grid)")
-  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--repeats", type=positive_int, default=None)
   p.add_argument("--workdir", default="runs/winograd_thresholds")
   args = p.parse_args(argv)
   channels, shapes, repeats = CONFIGS[args.config]
   args.channels = list(channels if args.channels is None else args.channels)
   args.shapes = [parse_shape(s) for s in shapes] if args.shapes is None else args.shapes
   args.repeats = repeats if args.repeats is None else args.repeats
-  if min(args.channels) < 1 or args.repeats < 1:
-    p.error("--channels and --repeats must be >= 1")
   return args
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from experiments.cli import positive_int
 from mgtrain import workunits as wu
 
 
@@ -52,12 +53,10 @@ def table(n0: int, iterations: int, levels: int) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m experiments.workunits",
                               description=__doc__.splitlines()[0])
-  p.add_argument("--n0", type=int, default=16)
-  p.add_argument("--iterations", type=int, default=2000)
-  p.add_argument("--levels", type=int, default=4)
+  p.add_argument("--n0", type=positive_int, default=16)
+  p.add_argument("--iterations", type=positive_int, default=2000)
+  p.add_argument("--levels", type=positive_int, default=4)
   args = p.parse_args(argv)
-  if args.n0 < 1 or args.iterations < 1 or args.levels < 1:
-    p.error("--n0, --iterations and --levels must be positive")
   text = table(args.n0, args.iterations, args.levels)
   if args.levels == 4:
     text += ("\n\nTable 2 of the MGE paper: 480k / 74k / 28.7k. Equal iterations: "

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from experiments import benchmark, blur_estimation, denoise, first_step, layer_levers, levers, \
-    mfc_kernels, profile_step
+    mfc_kernels, profile_step, winograd_thresholds, workunits
 from experiments.cli import nonnegative_int, positive_int
 
 
@@ -40,6 +40,8 @@ def test_nonnegative_int_keeps_zero_and_refuses_negatives():
     (mfc_kernels.main, ["--image-sizes", "16", "-32"]),
     (layer_levers.parse_args, ["--repeats", "0"]),
     (profile_step.parse_args, ["--calls", "0"]),
+    (winograd_thresholds.parse_args, ["--repeats", "0"]),
+    (workunits.main, ["--levels", "0"]),
 ])
 def test_every_cli_refuses_a_bad_count_when_parsing(parse, argv, capsys):
   with pytest.raises(SystemExit) as exc:
