@@ -133,7 +133,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from experiments.cli import nonnegative_int, positive_int
+from experiments.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, \
+    unit_fraction
 from mgtrain import full_multiscale as fm
 from mgtrain.hierarchy import RESTRICTIONS, Hierarchy
 from mgtrain.nn.meshfree import MeshFreeConv
@@ -885,13 +886,16 @@ def parse_args(argv=None):
                  help="restriction of (u, y) to coarser meshes (default 2x2 averages)")
   p.add_argument("--iterations", type=positive_int, default=None,
                  help="override the single-scale/Multiscale budget")
-  p.add_argument("--lr-standard", type=float, default=None)
-  p.add_argument("--lr-mfc", type=float, default=None)
+  p.add_argument("--lr-standard", type=positive_float, default=None)
+  p.add_argument("--lr-mfc", type=positive_float, default=None)
   p.add_argument("--mfc-channels", type=positive_int, default=None)
   p.add_argument("--eval-every", type=positive_int, default=None)
   p.add_argument("--patience", type=nonnegative_int, default=None, help="0 disables early stopping")
-  p.add_argument("--rel-tol", type=float, default=None)
-  p.add_argument("--reach-tol", type=float, default=None)
+  p.add_argument("--rel-tol", type=unit_fraction, default=None,
+                 help="a check improves on the best by this fraction (default 1e-3)")
+  p.add_argument("--reach-tol", type=nonnegative_float, default=None,
+                 help="\"reaches\" means within this fraction of single-scale's final test "
+                      "loss (default 0.01)")
   p.add_argument("--stop-mesh", default="fine", choices=("fine", "stage"),
                  help="early stopping monitors the fine-mesh test loss (default) or the "
                       "test loss on each stage's own mesh")

@@ -107,6 +107,7 @@ import math
 from pathlib import Path
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
+from experiments.cli import positive_float
 
 import jax
 import jax.numpy as jnp
@@ -387,7 +388,7 @@ def main(argv=None):
   p.add_argument("--draws", type=int, default=128, help="noise draws averaged per row")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--restriction", choices=RESTRICTIONS, default="average")
-  p.add_argument("--length-scale", type=float, default=1.0 / 16,
+  p.add_argument("--length-scale", type=positive_float, default=1.0 / 16,
                  help="MFC unit and filter width (fraction of the domain)")
   p.add_argument("--quick", action="store_true",
                  help="small run for tests: finest 256, 4 columns, 32 draws")

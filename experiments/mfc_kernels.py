@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.cli import positive_int
+from experiments.cli import positive_float, positive_int
 from mgtrain.nn import meshfree
 
 IMAGE_SIZES = (32, 64, 128, 256)
@@ -345,7 +345,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m experiments.mfc_kernels",
                               description=__doc__.splitlines()[0])
   p.add_argument("--size", type=int, default=64, help="side of the filter images")
-  p.add_argument("--length-scale", type=float, default=1.0 / 20,
+  p.add_argument("--length-scale", type=positive_float, default=1.0 / 20,
                  help="unit of the Figure 3 coefficients (fraction of the image side)")
   p.add_argument("--columns", type=int, default=5, help="panels per figure row")
   p.add_argument("--image-sizes", type=positive_int, nargs="+", default=list(IMAGE_SIZES))

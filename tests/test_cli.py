@@ -4,9 +4,10 @@ import argparse
 
 import pytest
 
-from experiments import benchmark, blur_estimation, denoise, first_step, layer_levers, levers, \
-    mfc_kernels, profile_step, winograd_thresholds, workunits
-from experiments.cli import nonnegative_int, positive_int
+from experiments import benchmark, blur_estimation, denoise, first_step, gradient_discrepancy, \
+    layer_levers, levers, mfc_kernels, profile_step, winograd_thresholds, workunits
+from experiments.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, \
+    unit_fraction
 
 
 @pytest.mark.parametrize("text,value", [("1", 1), ("240", 240), (" 7 ", 7)])
@@ -26,6 +27,19 @@ def test_nonnegative_int_keeps_zero_and_refuses_negatives():
     nonnegative_int("-1")
 
 
+def test_real_types_take_finite_numbers_in_their_range():
+  assert positive_float("3e-4") == 3e-4 and positive_float(" 2 ") == 2.0
+  assert nonnegative_float("0") == 0.0 and unit_fraction("0.999") == 0.999
+  for text in ("0", "-1e-3", "nan", "inf", "x", ""):
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive number"):
+      positive_float(text)
+  with pytest.raises(argparse.ArgumentTypeError, match="must be a number >= 0"):
+    nonnegative_float("-0.01")
+  for text in ("1", "-0.5", "1.5"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be a number in \[0, 1\)"):
+      unit_fraction(text)
+
+
 @pytest.mark.parametrize("parse,argv", [
     (benchmark.parse_args, ["--repeats", "0"]),
     (benchmark.parse_args, ["--chunk-pixels", "-5"]),
@@ -33,6 +47,13 @@ def test_nonnegative_int_keeps_zero_and_refuses_negatives():
     (denoise.parse_args, ["--iterations", "0"]),
     (denoise.parse_args, ["--chunk-pixels", "-1"]),
     (denoise.parse_args, ["--devices", "-2"]),
+    (denoise.parse_args, ["--learning-rate", "-1"]),
+    (blur_estimation.parse_args, ["--lr-mfc", "0"]),
+    (blur_estimation.parse_args, ["--lr-standard", "nan"]),
+    (blur_estimation.parse_args, ["--rel-tol", "1"]),
+    (blur_estimation.parse_args, ["--reach-tol", "-0.01"]),
+    (gradient_discrepancy.main, ["--length-scale", "0"]),
+    (mfc_kernels.main, ["--length-scale", "-0.05"]),
     (levers.main, ["--repeats", "0"]),
     (blur_estimation.parse_args, ["--eval-every", "0"]),
     (first_step.main, ["--size", "0"]),
@@ -43,7 +64,7 @@ def test_nonnegative_int_keeps_zero_and_refuses_negatives():
     (winograd_thresholds.parse_args, ["--repeats", "0"]),
     (workunits.main, ["--levels", "0"]),
 ])
-def test_every_cli_refuses_a_bad_count_when_parsing(parse, argv, capsys):
+def test_every_cli_refuses_a_bad_number_when_parsing(parse, argv, capsys):
   with pytest.raises(SystemExit) as exc:
     parse(argv)
   assert exc.value.code == 2            # argparse's usage error, before any work
