@@ -14,8 +14,11 @@ Usage::
 
 Each strategy writes ``WORKDIR/results.json`` (``WORKDIR/<strategy>/`` with
 ``--strategy all``), a loss-vs-#WU PNG and orbax checkpoints; rerunning with
-the same ``--workdir`` resumes from the latest checkpoint. ``--strategy all``
-also writes ``summary.json``, ``summary.md`` and ``val_mse_vs_wu.png`` and
+the same ``--workdir`` resumes from the latest checkpoint. Each workdir
+records in ``run.json`` what fixes its run (config values, strategy, model,
+levels, restriction, dtype, data, MGE form: :func:`run_signature`); a rerun
+that differs in any of them stops with a message naming the difference,
+instead of resuming another run's checkpoints. ``--strategy all`` also writes ``summary.json``, ``summary.md`` and ``val_mse_vs_wu.png`` and
 prints the comparison table.
 """
 
@@ -37,14 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.cli import nonnegative_int, positive_int
+from experiments.cli import nonnegative_int, positive_float, positive_int
 from experiments.configs import CONFIGS, DenoiseConfig, get_config
 from mgtrain import full_multiscale as fm
 from mgtrain import metrics
 from mgtrain import parallel
 from mgtrain.checkpoint import Checkpointer
 from mgtrain.data import patches, sources, tasks
-from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy
+from mgtrain.hierarchy import RESTRICTIONS, SUBSAMPLE_MODES, Hierarchy, HierarchyError
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import CONV_ALGORITHMS, get_conv, resolve_conv_algorithm
 from mgtrain.nn.resnet import ResNet, count_params
@@ -339,6 +342,59 @@ def _resolve_auto(flag: str, choice: str, auto: bool) -> bool:
 
 
 # ---------------------------------------------------------------- one run
+class WorkdirMismatch(ValueError):
+  """A workdir's checkpoints belong to another run (see :func:`run_signature`)."""
+
+
+def run_signature(config: DenoiseConfig, strategy: str, *, model_name: str, levels: int,
+                  subsample: str, restriction: str, dtype: str, data_description: str,
+                  fuse_meshes: bool) -> dict:
+  """What fixes a run's trajectory, as ``results.json`` records it.
+
+  A checkpoint or a finished result is this run's only if every entry is
+  equal. Left out are the choices that give the same updates (to float
+  rounding): the conv algorithm, chunking, passes in sequence, the split
+  step, devices and compile settings. ``mge`` is in: the optimizer state of
+  ``terms`` (with per-level statistics) and ``by-mesh`` differ.
+  """
+  return {"config_values": dataclasses.asdict(config), "strategy": strategy,
+          "model": model_name, "levels": levels, "subsample": subsample,
+          "restriction": restriction if subsample != "crop" else None,
+          "compute_dtype": dtype, "data": data_description,
+          "mge": "by-mesh" if fuse_meshes else "terms"}
+
+
+def signature_differences(recorded: dict, signature: dict) -> list[str]:
+  """``"key: recorded -> now"`` for each entry of ``signature`` that differs
+  (``config_values`` entry by entry)."""
+  out = []
+  for key, now in signature.items():
+    was = recorded.get(key)
+    if key == "config_values" and isinstance(was, dict):
+      out += [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+    elif was != now:
+      out.append(f"{key}: {was!r} -> {now!r}")
+  return out
+
+
+def check_workdir(workdir: Path, signature: dict, has_checkpoints: bool) -> None:
+  """Refuses to resume checkpoints written by another run; records this run's
+  signature in ``WORKDIR/run.json``.
+
+  Raises :class:`WorkdirMismatch` naming what differs. Checkpoints without a
+  ``run.json`` (written before it existed) are resumed as they always were.
+  """
+  record = workdir / "run.json"
+  if has_checkpoints and record.exists():
+    differences = signature_differences(json.loads(record.read_text()), signature)
+    if differences:
+      raise WorkdirMismatch(
+          f"{workdir} holds checkpoints of another run ({'; '.join(differences)}); "
+          "pass another --workdir, or delete that one to start afresh")
+  if jax.process_index() == 0:
+    record.write_text(json.dumps(signature, indent=1))
+
+
 def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: DenoiseData,
                  model_name: str = "resnet", levels: int | None = None,
                  subsample: str = "coarsen", restriction: str = "nearest",
@@ -369,6 +425,16 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                         restriction=restriction)
   stages = fm.make_schedule(strategy, hierarchy, config.iterations,
                             config.fms_iterations(levels))
+  ckpt = Checkpointer(workdir / "checkpoints", every=config.checkpoint_every)
+  resumed_from = ckpt.latest_step()
+  try:
+    check_workdir(workdir, run_signature(
+        config, strategy, model_name=model_name, levels=levels, subsample=subsample,
+        restriction=restriction, dtype=dtype, data_description=data.description,
+        fuse_meshes=fuse_meshes), has_checkpoints=resumed_from is not None)
+  except WorkdirMismatch:
+    ckpt.close()
+    raise
   model = build_model(model_name, dtype, conv_algorithm)
   params = init_params(model, jax.random.PRNGKey(config.seed),
                        jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)),
@@ -379,8 +445,6 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
     out = metrics.evaluate_denoiser(apply_fn, p, data.val)
     return {"mse": out["mse"], "psnr": out["psnr"]}
 
-  ckpt = Checkpointer(workdir / "checkpoints", every=config.checkpoint_every)
-  resumed_from = ckpt.latest_step()
   t0 = time.perf_counter()
   state, history = fm.train(
       params=params, stages=stages, hierarchy=hierarchy, loss_fn=make_loss_fn(model),
@@ -591,7 +655,7 @@ def parse_args(argv=None):
   p.add_argument("--iterations", type=positive_int, default=None,
                  help="override single-scale/Multiscale iterations and the "
                       "Full-Multiscale coarsest-stage iterations")
-  p.add_argument("--learning-rate", type=float, default=None,
+  p.add_argument("--learning-rate", type=positive_float, default=None,
                  help="override the config's Adam learning rate")
   p.add_argument("--base-batch", type=positive_int, default=None,
                  help="override N0, the finest level's batch")
@@ -668,6 +732,9 @@ def main(argv=None) -> dict:
                                            args.process_id)
     print(f"distributed: process {info['process_index']} of {info['process_count']}, "
           f"{info['global_devices']} devices in all", file=sys.stderr)
+  if args.devices and args.devices > jax.device_count():
+    raise SystemExit(f"--devices {args.devices}: JAX finds {jax.device_count()} "
+                     f"{jax.default_backend()} device(s) here")
   runtime.enable_compilation_cache(args.compile_cache)
   overrides = {}
   if args.iterations is not None:
@@ -685,12 +752,19 @@ def main(argv=None) -> dict:
   workdir = Path(args.workdir or f"runs/denoise-{config.name}")
   # Validate the hierarchy (and its schedule) before loading data or compiling.
   levels = config.levels if args.levels is None else args.levels
-  h = Hierarchy(levels=levels, size=config.size, base_batch=config.base_batch,
-                batch_growth=config.batch_growth, subsample=args.subsample,
-                restriction=args.restriction)
-  h.check_schedule(config.fms_iterations(levels), "Full-Multiscale iterations")
+  try:
+    h = Hierarchy(levels=levels, size=config.size, base_batch=config.base_batch,
+                  batch_growth=config.batch_growth, subsample=args.subsample,
+                  restriction=args.restriction)
+    h.check_schedule(config.fms_iterations(levels), "Full-Multiscale iterations")
+  except HierarchyError as e:
+    raise SystemExit(f"--config {config.name} with --levels / --base-batch / "
+                     f"--batch-growth / --iterations: {e}") from None
 
-  data = load_data(config, dataset, args.data_dir, args.download, args.max_images)
+  try:
+    data = load_data(config, dataset, args.data_dir, args.download, args.max_images)
+  except (OSError, ValueError) as e:   # a missing folder, no images, an unknown name
+    raise SystemExit(f"--dataset {dataset}: {e}") from None
   print(f"data: {data.description}; {data.pool.shape[0]} training patches, "
         f"{len(data.val['u'])} validation patches of {config.size}x{config.size}",
         file=sys.stderr)
@@ -713,22 +787,27 @@ def main(argv=None) -> dict:
     done = out / "results.json"
     if done.exists() and args.stop_after is None:
       previous = json.loads(done.read_text())
-      if previous.get("status") == "complete" and previous.get("config_values") == \
-          dataclasses.asdict(config) and previous.get("levels") == levels and \
-          previous.get("subsample") == args.subsample and \
-          previous.get("compute_dtype", "float32") == args.compute_dtype:
+      signature = run_signature(config, strategy, model_name=args.model, levels=levels,
+                                subsample=args.subsample, restriction=args.restriction,
+                                dtype=args.compute_dtype, data_description=data.description,
+                                fuse_meshes=fuse)
+      if previous.get("status") == "complete" and \
+          not signature_differences(previous, signature):
         print(f"{strategy}: already complete in {out}, reusing its results",
               file=sys.stderr)
         results[strategy] = previous
         continue
-    r = run_strategy(config, strategy, out, data=data, model_name=args.model,
-                     levels=levels, subsample=args.subsample,
-                     restriction=args.restriction, progress=not args.no_progress,
-                     stop_after=args.stop_after, chunk_pixels=chunk_pixels,
-                     fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
-                     step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
-                     compile_ahead=resolve_compile_ahead(args.compile_ahead),
-                     conv_algorithm=args.conv_algorithm, split_step=split_step)
+    try:
+      r = run_strategy(config, strategy, out, data=data, model_name=args.model,
+                       levels=levels, subsample=args.subsample,
+                       restriction=args.restriction, progress=not args.no_progress,
+                       stop_after=args.stop_after, chunk_pixels=chunk_pixels,
+                       fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
+                       step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
+                       compile_ahead=resolve_compile_ahead(args.compile_ahead),
+                       conv_algorithm=args.conv_algorithm, split_step=split_step)
+    except (HierarchyError, WorkdirMismatch) as e:   # e.g. batches that do not split over --devices
+      raise SystemExit(f"{strategy}: {e}") from None
     if r.get("status") != "complete":
       print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
       return results

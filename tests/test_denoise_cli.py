@@ -45,6 +45,15 @@ def test_smoke_resume_after_stop(tmp_path, split):
   stopped = _run(tmp_path, "--strategy", "full-multiscale", "--stop-after", "3", *split)
   assert stopped == {}
   assert not (tmp_path / "results.json").exists()
+  # Another run's checkpoints are not resumed: the rerun stops, naming what
+  # differs, before anything compiles.
+  for flag, differs in ((["--learning-rate", "0.5"], "learning_rate: 0.0005 -> 0.5"),
+                        (["--model", "mfc-resnet"], "model: 'resnet' -> 'mfc-resnet'"),
+                        (["--strategy", "multiscale"], "strategy: 'full-multiscale'")):
+    argv = ["--strategy", "full-multiscale", *split, *flag]
+    with pytest.raises(SystemExit, match="holds checkpoints of another run") as exc:
+      _run(tmp_path, *argv)
+    assert differs in str(exc.value)
   results = _run(tmp_path, "--strategy", "full-multiscale", *split)
   r = results["full-multiscale"]
   # On CPU --mge auto is terms and --split-step auto is on.
@@ -55,8 +64,51 @@ def test_smoke_resume_after_stop(tmp_path, split):
 
 
 def test_invalid_hierarchy_fails_before_compute(tmp_path):
-  with pytest.raises(Exception, match="not divisible"):
+  with pytest.raises(SystemExit, match="--levels .*not divisible"):
     _run(tmp_path, "--strategy", "single", "--levels", "6")
+  assert not (tmp_path / "single").exists() and not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--devices", "64"], r"--devices 64: JAX finds \d+ cpu device"),
+    (["--dataset", "folder", "--data-dir", "/no/such/folder"],
+     "--dataset folder: Image folder /no/such/folder does not exist"),
+])
+def test_bad_input_ends_in_one_line_not_a_traceback(tmp_path, argv, message):
+  with pytest.raises(SystemExit, match=message):
+    _run(tmp_path, "--strategy", "single", *argv)
+
+
+def test_signature_lists_what_differs_and_leaves_out_execution_choices():
+  config = denoise.get_config("smoke")
+  common = dict(model_name="resnet", levels=2, subsample="coarsen", restriction="nearest",
+                dtype="float32", data_description="bundled", fuse_meshes=False)
+  base = denoise.run_signature(config, "single", **common)
+  assert denoise.signature_differences(base, base) == []
+  other = denoise.run_signature(config.__class__(**{**base["config_values"], "seed": 7}),
+                                "single", **{**common, "fuse_meshes": True})
+  assert denoise.signature_differences(base, other) == [
+      "seed: 0 -> 7", "mge: 'terms' -> 'by-mesh'"]
+  # A crop hierarchy has no restriction, so that one cannot differ.
+  crop = dict(common, subsample="crop")
+  assert denoise.signature_differences(
+      denoise.run_signature(config, "single", **crop),
+      denoise.run_signature(config, "single", **{**crop, "restriction": "average"})) == []
+  # Results written before a key existed differ in it (so they are not reused).
+  assert denoise.signature_differences({k: v for k, v in base.items() if k != "mge"},
+                                       base) == ["mge: None -> 'terms'"]
+
+
+def test_checkpoints_without_a_record_resume_as_before(tmp_path):
+  """A workdir from before run.json: resumed, and the record written."""
+  signature = {"strategy": "single", "model": "resnet"}
+  denoise.check_workdir(tmp_path, signature, has_checkpoints=True)
+  assert json.loads((tmp_path / "run.json").read_text()) == signature
+  with pytest.raises(denoise.WorkdirMismatch, match="model: 'resnet' -> 'unet'"):
+    denoise.check_workdir(tmp_path, {**signature, "model": "unet"}, has_checkpoints=True)
+  # Without checkpoints there is nothing to resume: the new run's record replaces it.
+  denoise.check_workdir(tmp_path, {**signature, "model": "unet"}, has_checkpoints=False)
+  assert json.loads((tmp_path / "run.json").read_text())["model"] == "unet"
 
 
 def test_paper_config_reproduces_table2_work_units():
