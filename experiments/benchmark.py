@@ -1195,8 +1195,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if args.device:
-    jax.config.update("jax_platforms", args.device if args.device == "cpu" else "cuda")
+  runtime.use_device(args.device)
   runtime.enable_compilation_cache(args.compile_cache)
   for section in args.sections:
     if section not in SECTIONS:

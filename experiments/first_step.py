@@ -77,9 +77,8 @@ def main(argv=None) -> dict:
                  help="mgtrain.step_cache directory ('' = none): a hit skips tracing too")
   args = p.parse_args(argv)
 
+  runtime.use_device(args.device)
   import jax
-  if args.device:
-    jax.config.update("jax_platforms", args.device if args.device == "cpu" else "cuda")
   runtime.enable_compilation_cache(args.compile_cache)
   import jax.numpy as jnp
   import numpy as np

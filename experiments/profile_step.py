@@ -128,8 +128,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if args.device:
-    jax.config.update("jax_platforms", args.device if args.device == "cpu" else "cuda")
+  runtime.use_device(args.device)
   cfg = CONFIGS[args.config]
   calls = args.calls or cfg.calls
   if args.program == "layer":

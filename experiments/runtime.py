@@ -232,6 +232,25 @@ def default_step_cache_dir() -> Path:
   return default_cache_dir().parent / "step-cache"
 
 
+def use_device(device: str | None) -> None:
+  """Points JAX at ``--device`` (``cpu`` or ``gpu``; None: what JAX finds).
+
+  Exits with one line when that platform has no backend here: JAX itself
+  fails on its next call with a bare ``AssertionError`` (jax 0.10, no CUDA
+  plugin installed).
+  """
+  if not device:
+    return
+  import jax
+  jax.config.update("jax_platforms", "cpu" if device == "cpu" else "cuda")
+  try:
+    jax.devices()
+  except (AssertionError, RuntimeError) as e:
+    detail = str(e).splitlines()[0] if str(e) else "no backend could be initialised"
+    raise SystemExit(f"--device {device}: JAX has no {device} here ({detail}); "
+                     "install jax with that platform's plugin, or leave --device out") from None
+
+
 def enable_compilation_cache(path: str | os.PathLike | None) -> None:
   """Turns on JAX's persistent compilation cache at ``path`` (None: off)."""
   if not path:

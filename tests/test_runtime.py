@@ -1,6 +1,9 @@
 """experiments.runtime: the CPU XLA flags the CLIs add, and their opt-outs."""
 
 import os
+from pathlib import Path
+
+import pytest
 
 from experiments import runtime
 
@@ -90,3 +93,17 @@ def test_importing_runtime_outside_a_cli_does_not_reexec(monkeypatch):
   assert not runtime._running_experiment_cli()
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   runtime.maybe_reexec_with_huge_pages()   # returns (jax is imported here anyway)
+
+
+def test_use_device_without_that_platform_exits_with_one_line():
+  import subprocess
+  import sys
+  import jax
+  if any(d.platform == "gpu" for d in jax.devices()):
+    pytest.skip("this machine has a GPU")
+  code = "from experiments import runtime; runtime.use_device('gpu')"
+  proc = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True,
+                        text=True, cwd=Path(__file__).resolve().parents[1])
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("--device gpu: JAX has no gpu here")
+  assert "Traceback" not in proc.stderr
