@@ -1093,16 +1093,45 @@ def mfc_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def mesh_problem(model_name: str, model, hierarchy: Hierarchy) -> str | None:
+  """Why ``model`` cannot take every mesh of ``hierarchy``, or None.
+
+  A UNet halves its input ``log2(mesh_multiple)`` times, so each mesh side
+  must be a multiple of ``mesh_multiple``; models without the attribute take
+  any mesh.
+  """
+  multiple = getattr(model, "mesh_multiple", 1)
+  bad = [s for s in hierarchy.sizes if s % multiple]
+  if not bad:
+    return None
+  return (f"{model_name} needs image sides divisible by {multiple}, and the "
+          f"{hierarchy.levels}-level hierarchy at {hierarchy.size}^2 has meshes "
+          f"{', '.join(f'{s}^2' for s in bad)}")
+
+
+def check_model_hierarchy(options: str, model_names, levels: int, size: int,
+                          base_batch: int) -> Hierarchy:
+  """The hierarchy of ``levels`` at ``size``, or an exit with one line (naming
+  ``options``) if ``size`` cannot be halved ``levels - 1`` times or one of
+  ``model_names`` cannot take one of its meshes: before anything compiles."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", CoarseMeshWarning)
+      h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
+  except HierarchyError as e:
+    raise SystemExit(f"{options}: {e}") from None
+  for name in model_names:
+    problem = mesh_problem(name, _bench_model(name), h)
+    if problem:
+      raise SystemExit(f"{options}: {problem}")
+  return h
+
+
 def check_hierarchies(config: BenchConfig) -> None:
-  """Exits with the hierarchy's own message if a steps size cannot be halved
-  ``levels - 1`` times, before anything compiles."""
+  """:func:`check_model_hierarchy` for every steps size and model of ``config``."""
   for size in config.sizes:
-    try:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CoarseMeshWarning)
-        Hierarchy(levels=config.levels, size=size, base_batch=config.base_batch)
-    except HierarchyError as e:
-      raise SystemExit(f"--sizes / --levels / --base-batch: {e}") from None
+    check_model_hierarchy("--models / --sizes / --levels / --base-batch", config.models,
+                          config.levels, size, config.base_batch)
 
 
 def parse_args(argv=None):

@@ -18,8 +18,9 @@ the same ``--workdir`` resumes from the latest checkpoint. Each workdir
 records in ``run.json`` what fixes its run (config values, strategy, model,
 levels, restriction, dtype, data, MGE form: :func:`run_signature`); a rerun
 that differs in any of them stops with a message naming the difference,
-instead of resuming another run's checkpoints. ``--strategy all`` also writes ``summary.json``, ``summary.md`` and ``val_mse_vs_wu.png`` and
-prints the comparison table.
+instead of resuming another run's checkpoints. ``--strategy all`` also
+writes ``summary.json``, ``summary.md`` and ``val_mse_vs_wu.png`` and prints
+the comparison table.
 """
 
 from __future__ import annotations
@@ -454,8 +455,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
       level_parallel=level_parallel, step_cache=step_cache, sequential=sequential,
-      compile_ahead=compile_ahead, split_step=split_step, step_cache_key=(f"experiments.denoise model={model_name} dtype={dtype} "
-                                                 f"conv={conv_algorithm} {config!r}"))
+      compile_ahead=compile_ahead, split_step=split_step,
+      step_cache_key=(f"experiments.denoise model={model_name} dtype={dtype} "
+                      f"conv={conv_algorithm} {config!r}"))
   ckpt.close()
   elapsed = time.perf_counter() - t0
   total_steps = int(fm.stage_boundaries(stages)[-1])

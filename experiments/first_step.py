@@ -83,10 +83,10 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from experiments.benchmark import BENCH_MODELS, _bench_model, stage_program
+  from experiments.benchmark import BENCH_MODELS, _bench_model, check_model_hierarchy, \
+      stage_program
   from experiments.denoise import make_loss_fn, resolve_sequential
   from mgtrain import full_multiscale as fm
-  from mgtrain.hierarchy import Hierarchy
   from mgtrain.nn import init_params
   from mgtrain.nn.convs import resolve_conv_algorithm
   if args.model not in BENCH_MODELS:
@@ -101,8 +101,8 @@ def main(argv=None) -> dict:
   conv_algorithm = resolve_conv_algorithm(args.conv_algorithm)
   model = _bench_model(args.model, conv_algorithm=conv_algorithm)
   size = args.size
-  hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
-                        restriction="nearest")
+  hierarchy = check_model_hierarchy("--model / --size / --levels / --base-batch", [args.model],
+                                    args.levels, size, args.base_batch)
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1,)), step_cache=step_cache, on_platform=args.init_platform)
   jax.block_until_ready(params)

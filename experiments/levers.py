@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
-    _time_interleaved, median_ratio_per_round
+    _time_interleaved, check_model_hierarchy, median_ratio_per_round
 from experiments.cli import nonnegative_int, positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn, \
     sample_denoise_batch
@@ -178,6 +178,9 @@ def main(argv=None) -> list[dict]:
   sizes = args.sizes or ([16] if smoke else [64])
   levels = args.levels or (2 if smoke else 4)
   base_batch = args.base_batch or (1 if smoke else 16)
+  for size in sizes:
+    check_model_hierarchy("--model / --sizes / --levels / --base-batch", [args.model], levels,
+                          size, base_batch)
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []

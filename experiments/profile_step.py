@@ -43,7 +43,8 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, layer_problem, stage_program
+from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, check_model_hierarchy, \
+    layer_problem, stage_program
 from experiments.cli import positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, \
     add_sequential_argument, make_loss_fn, resolve_sequential
@@ -144,6 +145,8 @@ def main(argv=None) -> dict:
             "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype,
             "sequential": resolve_sequential(args.sequential),
             "conv_algorithm": resolve_conv_algorithm(args.conv_algorithm)}
+    check_model_hierarchy("--model / --size / --levels / --base-batch", [what["model"]],
+                          what["levels"], what["size"], what["base_batch"])
     compiled, run = _step_program(what["model"], what["step"], what["size"], what["levels"],
                                   what["base_batch"], args.compute_dtype, what["sequential"],
                                   what["conv_algorithm"])

@@ -217,6 +217,9 @@ def test_unknown_section_is_an_error(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--sizes", "63"], "image side 63 is not divisible"),
     (["--sizes", "16", "--levels", "0"], "must be a positive integer"),
+    # The UNet halves its input twice: the 3-level hierarchy at 24^2 has a 6^2 mesh.
+    (["--models", "resnet", "unet", "--sizes", "24", "--levels", "3"],
+     r"unet needs image sides divisible by 4, .* at 24\^2 has meshes 6\^2"),
 ])
 def test_bad_hierarchy_exits_before_anything_compiles(tmp_path, capsys, argv, message):
   """A size the levels cannot halve is refused up front (argparse or the
@@ -340,3 +343,20 @@ def test_layer_problem_loss_is_half_the_squared_output(layer_name):
 def test_layer_problem_rejects_an_unknown_layer():
   with pytest.raises(ValueError, match="layer must be one of"):
     benchmark.layer_problem("conv5x5", 4, 8, 2)
+
+
+@pytest.mark.parametrize("main,argv", [
+    ("first_step", ["--size", "24", "--levels", "4"]),
+    ("levers", ["--config", "smoke", "--model", "unet", "--sizes", "24", "--levels", "4"]),
+    ("profile_step", ["--config", "smoke", "--model", "unet", "--size", "24", "--levels", "4"]),
+    ("levers", ["--config", "smoke", "--sizes", "20", "--levels", "4"]),
+])
+def test_step_tools_refuse_a_hierarchy_their_model_cannot_take(main, argv, tmp_path):
+  """first_step, levers and profile_step check the model against every mesh
+  before compiling (the UNet failed inside its trace before)."""
+  import importlib   # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"experiments.{main}")
+  if main != "first_step":
+    argv = [*argv, "--workdir", str(tmp_path)]
+  with pytest.raises(SystemExit, match="not divisible|needs image sides divisible by 4"):
+    module.main(argv)

@@ -151,6 +151,12 @@ def test_zero_params_rule():
   np.testing.assert_array_equal(out["symbol"], 1.0)
 
 
+def test_mesh_multiple_follows_the_downsamplings():
+  assert UNet().mesh_multiple == 4
+  assert UNet(channel_mult=(1, 2, 2, 4)).mesh_multiple == 8
+  assert UNet(channel_mult=(1,)).mesh_multiple == 1
+
+
 @pytest.mark.parametrize("shape", [(2, 18, 16, 3), (2, 16, 10, 3), (2, 6, 6, 3)])
 def test_rejects_sides_not_divisible_by_4(shape):
   with pytest.raises(ValueError, match="divisible by 4"):

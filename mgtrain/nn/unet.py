@@ -287,11 +287,20 @@ class UNet(nn.Module):
     h = nn.silu(_group_norm(self.groups, "out_norm", self.dtype)(h))
     return _zero_init_conv(self, conv, self.out_channels, 3, "output")(h)
 
+  @property
+  def mesh_multiple(self) -> int:
+    """What every image side must be divisible by: ``2 ** (len(channel_mult) - 1)``.
+
+    A multiscale run feeds the model every mesh of its hierarchy, so the
+    coarsest one must be a multiple too (e.g. 16^2 for 4 levels at 128^2).
+    """
+    return 2 ** (len(self.channel_mult) - 1)
+
   def _check_input(self, u) -> None:
     if u.ndim != 4 or u.shape[-1] != self.in_channels:
       raise ValueError(f"expected NHWC images with {self.in_channels} channels "
                        f"(B, H, W, {self.in_channels}), got shape {u.shape}")
-    factor = 2 ** (len(self.channel_mult) - 1)
+    factor = self.mesh_multiple
     if u.shape[1] % factor or u.shape[2] % factor:
       raise ValueError(f"image sides must be divisible by {factor} "
                        f"({len(self.channel_mult) - 1} downsamplings), got "
