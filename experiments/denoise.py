@@ -416,7 +416,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   ``conv_algorithm``: how the standard 3x3 convs are computed
   (:func:`mgtrain.nn.convs.resolve_conv_algorithm`; same parameters).
   ``split_step``: each stage's step as one program per model pass
-  (:class:`mgtrain.split_step.SplitStep`).
+  (:class:`mgtrain.split_step.SplitStep`). Raises :class:`WorkdirMismatch`,
+  before anything compiles, if ``workdir`` holds checkpoints of another run
+  (:func:`check_workdir`).
   """
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
   workdir.mkdir(parents=True, exist_ok=True)
