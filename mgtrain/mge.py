@@ -95,6 +95,9 @@ def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
     term, or ``(fine,)`` for the last (coarsest) term.
   """
   levels = _check_levels(hierarchy, levels)
+  if not isinstance(batches, (list, tuple)):
+    raise TypeError(f"batches must be a list with one batch per level {levels}, got a "
+                    f"{type(batches).__name__}")
   if len(batches) != len(levels):
     raise HierarchyError(
         f"MGE needs one batch per level: got {len(batches)} batches for levels {levels}")
@@ -103,16 +106,35 @@ def level_views(batches: Sequence[Any], hierarchy: Hierarchy,
   if len(input_levels) != len(levels):
     raise HierarchyError(
         f"got {len(input_levels)} input levels for {len(levels)} batches")
-  for arrives, level in zip(input_levels, levels):
+  for i, (arrives, level) in enumerate(zip(input_levels, levels)):
     if arrives > level:
       raise HierarchyError(
           f"a batch arrives on level {arrives}, coarser than its term's finest "
           f"mesh, level {level}")
+    _check_mesh(batches[i], hierarchy, arrives, i)
   keys = (list(jax.random.split(key, len(levels))) if key is not None
           else [None] * len(levels))
   return [term_views(batch, hierarchy, level, i == len(levels) - 1, k, arrives)
           for i, (level, batch, k, arrives)
           in enumerate(zip(levels, batches, keys, input_levels))]
+
+
+def _check_mesh(batch, hierarchy: Hierarchy, arrives: int, index: int) -> None:
+  """Raises :class:`HierarchyError` unless every image leaf (rank 4) of
+  ``batch`` is on mesh ``arrives``: ``hierarchy.sizes[arrives]`` squared.
+
+  Without it, images of another size went through the restrictions, and the
+  step estimated the gradient of another hierarchy than the one it counted
+  work units for.
+  """
+  side = hierarchy.sizes[arrives]
+  for leaf in jax.tree.leaves(batch):
+    if getattr(leaf, "ndim", 0) == 4 and tuple(leaf.shape[1:3]) != (side, side):
+      raise HierarchyError(
+          f"batch {index} arrives on level {arrives}, whose mesh is {side}x{side} "
+          f"(hierarchy size {hierarchy.size}), but holds images of shape "
+          f"{tuple(leaf.shape)}; pass NHWC images on that mesh (or the matching "
+          "input_level)")
 
 
 def term_views(batch, hierarchy: Hierarchy, level: int, last: bool,

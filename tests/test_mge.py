@@ -128,6 +128,23 @@ def test_errors(tiny_model):
     mge_value_and_grad(mse_loss_fn(model), params, [b, b], h, levels=(0, 2))
   with pytest.raises(HierarchyError, match="outside"):
     mge_value_and_grad(mse_loss_fn(model), params, [b], h, levels=(3,))
+  # One batch, not a list of them.
+  with pytest.raises(TypeError, match="a list with one batch per level"):
+    mge_value_and_grad(mse_loss_fn(model), params, b, h)
+  # Images on another mesh than the one the batch arrives on (an 8^2 batch
+  # for a 16^2 hierarchy; a 16^2 batch announced on level 1, whose mesh is 8^2),
+  # in both forms of the estimator.
+  small = jax.tree.map(lambda x: x[:, ::2, ::2], b)
+  for estimate in (mge_value_and_grad, mge_value_and_grad_by_mesh):
+    with pytest.raises(HierarchyError, match=r"batch 0 arrives on level 0, whose mesh is "
+                                             r"16x16 .* \(2, 8, 8, 1\)"):
+      estimate(mse_loss_fn(model), params, [small, b, b], h)
+    with pytest.raises(HierarchyError, match="batch 1 arrives on level 1, whose mesh is 8x8"):
+      estimate(mse_loss_fn(model), params, [b, b, b], h, input_level=(0, 1, 1))
+  # The same batch announced on its own mesh is fine.
+  loss, _, _ = mge_value_and_grad(mse_loss_fn(model), params, [b, small, small], h,
+                                  input_level=(0, 1, 1))
+  assert np.isfinite(loss)
 
 
 def test_chunked_evaluation_gives_the_same_estimate(tiny_model):
