@@ -303,9 +303,10 @@ def test_mfc_resnet_runs_on_several_meshes_without_new_params():
 @pytest.mark.parametrize("bad, match", [
     (dict(padding=1.5), "padding"),
     (dict(length_scale=0.0), "length_scale"),
+    (dict(features=0), "features must be a positive integer"),
 ])
 def test_invalid_layer_options_raise(bad, match):
-  layer = MeshFreeConv(2, **bad)
+  layer = MeshFreeConv(**{"features": 2, **bad})
   with pytest.raises(ValueError, match=match):
     layer.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 

@@ -763,6 +763,8 @@ class MeshFreeConv(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     if x.ndim != 4:
       raise ValueError(f"MeshFreeConv expects NHWC images, got shape {x.shape}")
+    if not (isinstance(self.features, int) and self.features >= 1):
+      raise ValueError(f"features must be a positive integer, got {self.features!r}")
     if not 0.0 <= self.padding <= 1.0:
       raise ValueError(f"padding is a fraction of the image side in [0, 1], got {self.padding}")
     if self.length_scale <= 0:
