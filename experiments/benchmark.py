@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import benchmark_plots
-from experiments.cli import nonnegative_int, positive_int
+from experiments.cli import existing_folder, nonnegative_int, positive_int
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MODEL_CONVS, \
     build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
@@ -1191,8 +1191,9 @@ def parse_args(argv=None):
                       "16.7x rather than the 3-level cpu config's 5.7x)")
   p.add_argument("--ttm-model", default="resnet", choices=tuple(MODEL_CONVS),
                  help="time-to-mse: denoising model")
-  p.add_argument("--ttm-data-dir", default=None,
-                 help="time-to-mse: image folder (default: the bundled photographs)")
+  p.add_argument("--ttm-data-dir", type=existing_folder, default=None,
+                 help="time-to-mse and pipeline: image folder (default: the bundled "
+                      "photographs)")
   p.add_argument("--ttm-scales", nargs="+", type=positive_int, default=[1, 2, 4],
                  help="time-to-mse: Full-Multiscale iteration multipliers to try, in order")
   p.add_argument("--ttm-eval-every", type=positive_int, default=20)

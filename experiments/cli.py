@@ -9,6 +9,8 @@ types argparse rejects it at once, with the usual usage line.
 Example:
   >>> import argparse
 import math
+from pathlib import Path
+from pathlib import Path
   >>> p = argparse.ArgumentParser(prog="demo")
   >>> _ = p.add_argument("--repeats", type=positive_int, default=3)
   >>> p.parse_args(["--repeats", "5"]).repeats
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def _integer(text: str, minimum: int, what: str) -> int:
@@ -70,3 +73,10 @@ def nonnegative_float(text: str) -> float:
 def unit_fraction(text: str) -> float:
   """A number in ``[0, 1)``: a relative tolerance such as "improves by 0.1%"."""
   return _real(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def existing_folder(text: str) -> str:
+  """A path to a folder that exists (an image folder read later in the run)."""
+  if not Path(text).expanduser().is_dir():
+    raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
+  return text

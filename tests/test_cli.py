@@ -1,13 +1,14 @@
 """Argument types of the experiment CLIs (experiments.cli) and their use."""
 
 import argparse
+import re
 
 import pytest
 
 from experiments import benchmark, blur_estimation, denoise, first_step, gradient_discrepancy, \
     layer_levers, levers, mfc_kernels, profile_step, winograd_thresholds, workunits
-from experiments.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, \
-    unit_fraction
+from experiments.cli import existing_folder, nonnegative_float, nonnegative_int, positive_float, \
+    positive_int, unit_fraction
 
 
 @pytest.mark.parametrize("text,value", [("1", 1), ("240", 240), (" 7 ", 7)])
@@ -54,6 +55,7 @@ def test_real_types_take_finite_numbers_in_their_range():
     (blur_estimation.parse_args, ["--reach-tol", "-0.01"]),
     (gradient_discrepancy.main, ["--length-scale", "0"]),
     (mfc_kernels.main, ["--length-scale", "-0.05"]),
+    (benchmark.parse_args, ["--ttm-data-dir", "/no/such/folder"]),
     (levers.main, ["--repeats", "0"]),
     (blur_estimation.parse_args, ["--eval-every", "0"]),
     (first_step.main, ["--size", "0"]),
@@ -68,7 +70,15 @@ def test_every_cli_refuses_a_bad_number_when_parsing(parse, argv, capsys):
   with pytest.raises(SystemExit) as exc:
     parse(argv)
   assert exc.value.code == 2            # argparse's usage error, before any work
-  assert "must be" in capsys.readouterr().err
+  assert re.search("must be|no such folder", capsys.readouterr().err)
+
+
+def test_existing_folder_takes_a_folder_only(tmp_path):
+  assert existing_folder(str(tmp_path)) == str(tmp_path)
+  (tmp_path / "f.png").write_bytes(b"")
+  for text in (str(tmp_path / "f.png"), str(tmp_path / "missing")):
+    with pytest.raises(argparse.ArgumentTypeError, match="no such folder"):
+      existing_folder(text)
 
 
 def test_zero_keeps_its_meaning_where_it_has_one():
