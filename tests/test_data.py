@@ -149,6 +149,13 @@ def test_tfds_missing_data_raises_clear_error(tmp_path):
     sources.load_images('stl10', data_dir=tmp_path)
 
 
+def test_unknown_dataset_name_is_one_short_error(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_set': not 'bundled'") as info:
+    sources.load_images('no_such_set', data_dir=tmp_path)
+  assert len(str(info.value)) < 300   # not tfds's list of every dataset
+
+
 def test_tfds_mock_data_source():
   tfds = pytest.importorskip('tensorflow_datasets')
   try:

@@ -393,8 +393,14 @@ def _raise_if_not_prepared(tfds, name: str, data_dir: Optional[str],
   """Raises a clear FileNotFoundError if ``name`` is not prepared."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except Exception:  # pylint: disable=broad-except
-    return  # e.g. unknown dataset name: let the original error through
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ == 'DatasetNotFoundError':
+      # tfds's own message lists every dataset it knows (4 KB); keep its hint.
+      hint = [line.strip() for line in str(e).splitlines() if line.startswith('Did you mean')]
+      raise ValueError(
+          f"Unknown dataset {name!r}: not 'bundled', 'folder' or a TFDS dataset name"
+          + (f' ({hint[0]})' if hint else '') + '.') from cause
+    return  # another failure: let the original error through
   try:
     prepared = builder.is_prepared()
   except Exception:  # pylint: disable=broad-except
