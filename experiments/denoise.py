@@ -26,6 +26,7 @@ the comparison table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -404,7 +405,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                  mesh=None, level_parallel=None, step_cache=None,
                  dtype: str = "float32", sequential: bool = False,
                  compile_ahead: bool = False, conv_algorithm: str = "auto",
-                 split_step: bool = False) -> dict:
+                 split_step: bool = False, stop_requested=None) -> dict:
   """Trains one strategy into ``workdir`` (resuming if possible); returns its results.
 
   ``step_cache``: an optional :class:`mgtrain.step_cache.StepCache` for the
@@ -416,7 +417,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   ``conv_algorithm``: how the standard 3x3 convs are computed
   (:func:`mgtrain.nn.convs.resolve_conv_algorithm`; same parameters).
   ``split_step``: each stage's step as one program per model pass
-  (:class:`mgtrain.split_step.SplitStep`). Raises :class:`WorkdirMismatch`,
+  (:class:`mgtrain.split_step.SplitStep`). ``stop_requested``: an event
+  that stops the run after the step in flight, with a checkpoint
+  (:func:`mgtrain.full_multiscale.train`). Raises :class:`WorkdirMismatch`,
   before anything compiles, if ``workdir`` holds checkpoints of another run
   (:func:`check_workdir`).
   """
@@ -457,7 +460,7 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
       progress=progress, description=f"{strategy:>15s}", stop_after=stop_after,
       max_pixels_per_chunk=chunk_pixels, fuse_meshes=fuse_meshes, mesh=mesh,
       level_parallel=level_parallel, step_cache=step_cache, sequential=sequential,
-      compile_ahead=compile_ahead, split_step=split_step,
+      compile_ahead=compile_ahead, split_step=split_step, stop_requested=stop_requested,
       step_cache_key=(f"experiments.denoise model={model_name} dtype={dtype} "
                       f"conv={conv_algorithm} {config!r}"))
   ckpt.close()
@@ -786,36 +789,45 @@ def main(argv=None) -> dict:
     step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
   strategies = list(fm.STRATEGIES) if args.strategy == "all" else [args.strategy]
   results = {}
-  for strategy in strategies:
-    out = workdir / strategy if args.strategy == "all" else workdir
-    done = out / "results.json"
-    if done.exists() and args.stop_after is None:
-      previous = json.loads(done.read_text())
-      signature = run_signature(config, strategy, model_name=args.model, levels=levels,
-                                subsample=args.subsample, restriction=args.restriction,
-                                dtype=args.compute_dtype, data_description=data.description,
-                                fuse_meshes=fuse)
-      if previous.get("status") == "complete" and \
-          not signature_differences(previous, signature):
-        print(f"{strategy}: already complete in {out}, reusing its results",
-              file=sys.stderr)
-        results[strategy] = previous
-        continue
-    try:
-      r = run_strategy(config, strategy, out, data=data, model_name=args.model,
-                       levels=levels, subsample=args.subsample,
-                       restriction=args.restriction, progress=not args.no_progress,
-                       stop_after=args.stop_after, chunk_pixels=chunk_pixels,
-                       fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
-                       step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
-                       compile_ahead=resolve_compile_ahead(args.compile_ahead),
-                       conv_algorithm=args.conv_algorithm, split_step=split_step)
-    except (HierarchyError, WorkdirMismatch) as e:   # e.g. batches that do not split over --devices
-      raise SystemExit(f"{strategy}: {e}") from None
-    if r.get("status") != "complete":
-      print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
-      return results
-    results[strategy] = r
+  # One process: the first Ctrl-C or SIGTERM stops the run after the step in
+  # flight, with a checkpoint. Several: a signal may reach one process only,
+  # and saving a checkpoint is collective, so the default handling stays.
+  graceful = (runtime.stop_on_signal() if jax.process_count() == 1
+              else contextlib.nullcontext())
+  with graceful as stop:
+    for strategy in strategies:
+      out = workdir / strategy if args.strategy == "all" else workdir
+      done = out / "results.json"
+      if done.exists() and args.stop_after is None:
+        previous = json.loads(done.read_text())
+        signature = run_signature(config, strategy, model_name=args.model, levels=levels,
+                                  subsample=args.subsample, restriction=args.restriction,
+                                  dtype=args.compute_dtype, data_description=data.description,
+                                  fuse_meshes=fuse)
+        if previous.get("status") == "complete" and \
+            not signature_differences(previous, signature):
+          print(f"{strategy}: already complete in {out}, reusing its results",
+                file=sys.stderr)
+          results[strategy] = previous
+          continue
+      try:
+        r = run_strategy(config, strategy, out, data=data, model_name=args.model,
+                         levels=levels, subsample=args.subsample,
+                         restriction=args.restriction, progress=not args.no_progress,
+                         stop_after=args.stop_after, chunk_pixels=chunk_pixels,
+                         fuse_meshes=fuse, mesh=mesh, level_parallel=level_parallel,
+                         step_cache=step_cache, dtype=args.compute_dtype, sequential=sequential,
+                         compile_ahead=resolve_compile_ahead(args.compile_ahead),
+                         conv_algorithm=args.conv_algorithm, split_step=split_step,
+                         stop_requested=stop)
+      except (HierarchyError, WorkdirMismatch) as e:   # e.g. batches not split over --devices
+        raise SystemExit(f"{strategy}: {e}") from None
+      if r.get("status") != "complete":
+        print(f"{strategy}: stopped at step {r['step']} (checkpointed)", file=sys.stderr)
+        if stop is not None and stop.is_set():
+          raise SystemExit(128 + stop.signum)   # as a shell reports a signal
+        return results
+      results[strategy] = r
   if jax.process_index() != 0:
     pass  # multi-host: process 0 writes the summary
   elif len(results) > 1:

@@ -284,7 +284,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           stop_after: int | None = None, max_pixels_per_chunk: int | None = None,
           carry_optimizer: bool = True, mesh=None, fuse_meshes: bool = False,
           level_parallel=None, step_cache=None, step_cache_key: str | None = None,
-          sequential: bool = False, compile_ahead: bool = False, split_step: bool = False):
+          sequential: bool = False, compile_ahead: bool = False, split_step: bool = False,
+          stop_requested=None):
   """Runs ``stages`` in order (the Full-Multiscale fold) and returns ``(state, history)``.
 
   Args:
@@ -306,6 +307,11 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     progress: show a tqdm bar with loss, level and #WU.
     stop_after: stop (after checkpointing) once the global step reaches this
       value; used to test resumption.
+    stop_requested: optional ``threading.Event`` (anything with
+      ``is_set()``): once set, the run stops after the step in flight, as
+      with ``stop_after``: the history records it and the checkpointer saves
+      it, so rerunning resumes there. The experiment CLIs set it on the
+      first Ctrl-C or SIGTERM (``experiments.runtime.stop_on_signal``).
     max_pixels_per_chunk: evaluate each level's batch in sub-batches of at
       most this many samples x pixels (same gradient; faster on CPU).
     carry_optimizer: at a stage boundary keep the inner optimizer's state
@@ -528,9 +534,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
         done_stage = k + 1 == bounds[s + 1]
         evaluate = eval_fn is not None and ((eval_every and (k + 1) % eval_every == 0)
                                             or done_stage)
+        stop = ((stop_after is not None and k + 1 >= stop_after)
+                or (stop_requested is not None and stop_requested.is_set()))
         save = checkpointer is not None and (checkpointer.should_save(k + 1) or done_stage
-                                             or k + 1 == stop_after)
-        stop = stop_after is not None and k + 1 >= stop_after
+                                             or stop)
         if not (evaluate or save or stop or done_stage):
           continue
         wu = record(pending)

@@ -107,3 +107,25 @@ def test_use_device_without_that_platform_exits_with_one_line():
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("--device gpu: JAX has no gpu here")
   assert "Traceback" not in proc.stderr
+
+
+def test_first_signal_asks_to_stop_and_a_second_sigint_interrupts(capsys):
+  import signal
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread")
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with runtime.stop_on_signal() as stop:
+    assert not stop.is_set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.wait(5) and stop.signum == signal.SIGTERM
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  with pytest.raises(KeyboardInterrupt):
+    with runtime.stop_on_signal() as stop:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.wait(5) and stop.signum == signal.SIGINT
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(100):   # the handler runs between bytecodes
+        threading.Event().wait(0.01)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
