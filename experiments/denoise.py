@@ -54,7 +54,6 @@ from mgtrain.nn import init_params
 from mgtrain.nn.convs import CONV_ALGORITHMS, get_conv, resolve_conv_algorithm
 from mgtrain.nn.resnet import ResNet, count_params
 from mgtrain.sampling import coarse_sampler
-from mgtrain.step_cache import StepCache
 
 # Every spatial conv of the ResNet comes from this factory (mgtrain.nn.convs).
 MODEL_CONVS = {"resnet": "standard", "mfc-resnet": "mfc",
@@ -784,9 +783,7 @@ def main(argv=None) -> dict:
     level_parallel = jax.devices()[:args.devices] if args.devices else True
   elif args.distributed or args.devices not in (None, 1):
     mesh = parallel.data_mesh(None if args.distributed or args.devices == 0 else args.devices)
-  step_cache = None
-  if args.step_cache and level_parallel is None:
-    step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
+  step_cache = runtime.step_cache(args.step_cache if level_parallel is None else None)
   strategies = list(fm.STRATEGIES) if args.strategy == "all" else [args.strategy]
   results = {}
   # One process: the first Ctrl-C or SIGTERM stops the run after the step in

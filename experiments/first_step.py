@@ -93,10 +93,7 @@ def main(argv=None) -> dict:
     raise SystemExit(f"unknown model {args.model!r}; choose from {BENCH_MODELS}")
 
   phases = {"imports": time.perf_counter() - _T_START}
-  step_cache = None
-  if args.step_cache:
-    from mgtrain.step_cache import StepCache
-    step_cache = StepCache(args.step_cache, source_packages=("mgtrain", "experiments"))
+  step_cache = runtime.step_cache(args.step_cache)
   t = time.perf_counter()
   conv_algorithm = resolve_conv_algorithm(args.conv_algorithm)
   model = _bench_model(args.model, conv_algorithm=conv_algorithm)

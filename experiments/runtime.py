@@ -238,6 +238,39 @@ def default_step_cache_dir() -> Path:
   return default_cache_dir().parent / "step-cache"
 
 
+DEFAULT_CACHE_MAX_GB = 8.0
+
+
+def cache_max_bytes(environ=None) -> int:
+  """The size limit of each of the CLIs' two caches, in bytes.
+
+  ``MGTRAIN_CACHE_MAX_GB`` (GiB, a positive number) or 8 GiB. Each source
+  edit or jax upgrade leaves every older entry unreachable, and a UNet's
+  step takes tens of MB, so without a limit the caches only grow; past it,
+  the least recently used entries go.
+  """
+  environ = os.environ if environ is None else environ
+  text = environ.get("MGTRAIN_CACHE_MAX_GB", "")
+  try:
+    gib = float(text) if text else DEFAULT_CACHE_MAX_GB
+  except ValueError:
+    gib = -1.0
+  if not 0 < gib < float("inf"):
+    raise SystemExit(f"MGTRAIN_CACHE_MAX_GB must be a positive number of GiB, got {text!r}")
+  return int(gib * 2**30)
+
+
+def step_cache(path: str | os.PathLike | None):
+  """The CLIs' :class:`mgtrain.step_cache.StepCache` at ``path`` (None or
+  '': none), fingerprinting ``mgtrain`` and ``experiments``, capped at
+  :func:`cache_max_bytes`."""
+  if not path:
+    return None
+  from mgtrain.step_cache import StepCache   # pylint: disable=g-import-not-at-top
+  return StepCache(path, source_packages=("mgtrain", "experiments"),
+                   max_bytes=cache_max_bytes())
+
+
 def use_device(device: str | None) -> None:
   """Points JAX at ``--device`` (``cpu`` or ``gpu``; None: what JAX finds).
 
@@ -262,9 +295,10 @@ def stop_on_signal():
   """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop.
 
   Yields a :class:`threading.Event` (its ``signum`` says which signal set
-  it) for ``mgtrain.full_multiscale.train``'s ``stop_requested``: a run stops after the step in flight and checkpoints
-  it, where Python's default would drop every step since the last
-  checkpoint (a paper-scale run saves every 250 steps). A batch system's
+  it) for ``mgtrain.full_multiscale.train``'s ``stop_requested``: a run
+  stops after the step in flight and checkpoints it, where Python's default
+  would drop every step since the last checkpoint (a paper-scale run saves
+  every 250 steps). A batch system's
   SIGTERM before it kills a job gets the same treatment. A second SIGINT
   raises ``KeyboardInterrupt`` at once (e.g. during a long compile); a
   second SIGTERM ends the process as the default would. The previous
@@ -303,7 +337,12 @@ def stop_on_signal():
 
 
 def enable_compilation_cache(path: str | os.PathLike | None) -> None:
-  """Turns on JAX's persistent compilation cache at ``path`` (None: off)."""
+  """Turns on JAX's persistent compilation cache at ``path`` (None: off).
+
+  Capped at :func:`cache_max_bytes` (JAX deletes the least recently used
+  entries) where the ``filelock`` package is installed, which JAX's eviction
+  needs (torch brings it); without it the cache is not capped.
+  """
   if not path:
     return
   import jax
@@ -311,6 +350,8 @@ def enable_compilation_cache(path: str | os.PathLike | None) -> None:
   jax.config.update("jax_compilation_cache_dir", os.fspath(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", cache_max_bytes())
 
 
 maybe_reexec_with_huge_pages()

@@ -165,14 +165,22 @@ class StepCache:
   Args:
     directory: where entries live (created on the first store).
     source_packages: packages whose source goes into every fingerprint.
+    max_bytes: the most the directory's entries may take together (None: no
+      limit). Every source edit or jax upgrade leaves all older entries
+      unreachable, and a UNet's step takes tens of MB, so after a store the
+      least recently used entries (by modification time, which a load
+      renews) are deleted until the rest fit; the entry just stored stays.
   """
 
   def __init__(self, directory: str | os.PathLike,
-               source_packages: Sequence[str] = ("mgtrain",)):
+               source_packages: Sequence[str] = ("mgtrain",), max_bytes: int | None = None):
     if not os.fspath(directory):
       raise ValueError("StepCache needs a directory")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+      raise ValueError(f"max_bytes must be None or an integer >= 0, got {max_bytes!r}")
     self.directory = Path(directory).expanduser()
     self.source_packages = tuple(source_packages)
+    self.max_bytes = max_bytes
     self._in_memory = {}   # fingerprint -> Compiled, so a process loads each entry once
 
   def fingerprint(self, key: str, *args) -> str:
@@ -197,6 +205,39 @@ class StepCache:
     """The cached ``jax.stages.Compiled`` for ``key`` and ``args``, or None."""
     return self._read(self.path(key, *args), args)
 
+  def size_bytes(self) -> int:
+    """What the directory's entries take together."""
+    return sum(size for _, size, _ in self._entries())
+
+  def _entries(self) -> list[tuple[float, int, Path]]:
+    """``(mtime, bytes, path)`` of every entry, least recently used first."""
+    out = []
+    for path in self.directory.glob("*.step"):
+      try:
+        st = path.stat()
+      except OSError:   # deleted by another process meanwhile
+        continue
+      out.append((st.st_mtime, st.st_size, path))
+    return sorted(out)
+
+  def _store(self, compiled, path: Path) -> None:
+    """Writes an entry, then deletes the least recently used others while
+    the entries take more than ``max_bytes``."""
+    if self._write(compiled, path) is None or self.max_bytes is None:
+      return
+    entries = self._entries()
+    total = sum(size for _, size, _ in entries)
+    for _, size, old in entries:
+      if total <= self.max_bytes:
+        break
+      if old == path:
+        continue
+      try:
+        old.unlink()
+      except OSError:
+        continue
+      total -= size
+
   def compile_and_store(self, lowered, key: str, *args,
                         compiler_options: dict | None = None):
     """Compiles ``lowered`` (a ``jax.stages.Lowered`` of ``args``) and stores
@@ -207,7 +248,7 @@ class StepCache:
     persistent cache served would be stored without its kernels (module
     docstring)."""
     compiled = _compile_whole(lowered, compiler_options)
-    self._write(compiled, self.path(key, *args))
+    self._store(compiled, self.path(key, *args))
     return compiled
 
   @staticmethod
@@ -221,12 +262,15 @@ class StepCache:
       if in_tree != jax.tree.structure((args, {})):
         return None
       by_id = {d.id: d for d in jax.devices()}
-      return serialize_executable.deserialize_and_load(
+      compiled = serialize_executable.deserialize_and_load(
           serialized, in_tree, out_tree,
           execution_devices=[by_id[i] for i in device_ids])
     except Exception:  # pylint: disable=broad-except
       # Another jaxlib's format, or a file cut short: compile it again.
       return None
+    with contextlib.suppress(OSError):
+      os.utime(path)   # recently used: the size limit deletes it last
+    return compiled
 
   @staticmethod
   def _write(compiled, path: Path) -> Path | None:
@@ -263,7 +307,7 @@ class StepCache:
     hit = compiled is not None
     if not hit:
       compiled = _compile_whole(jitted.lower(*args), compiler_options)
-      self._write(compiled, self._entry(fingerprint))
+      self._store(compiled, self._entry(fingerprint))
     self._in_memory[fingerprint] = compiled
     return compiled, hit
 

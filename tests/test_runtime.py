@@ -129,3 +129,15 @@ def test_first_signal_asks_to_stop_and_a_second_sigint_interrupts(capsys):
       for _ in range(100):   # the handler runs between bytecodes
         threading.Event().wait(0.01)
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_cache_limit_from_the_environment():
+  assert runtime.cache_max_bytes({}) == 8 * 2**30
+  assert runtime.cache_max_bytes({"MGTRAIN_CACHE_MAX_GB": "0.5"}) == 2**29
+  for bad in ("0", "-1", "x", "inf"):
+    with pytest.raises(SystemExit, match="MGTRAIN_CACHE_MAX_GB must be a positive number"):
+      runtime.cache_max_bytes({"MGTRAIN_CACHE_MAX_GB": bad})
+  cache = runtime.step_cache("/tmp/somewhere")
+  assert cache.max_bytes == runtime.cache_max_bytes()
+  assert cache.source_packages == ("mgtrain", "experiments")
+  assert runtime.step_cache("") is None

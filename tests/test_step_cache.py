@@ -286,3 +286,33 @@ def test_an_entry_written_after_a_jax_cache_hit_loads_in_a_new_process(tmp_path,
   assert any((tmp_path / "jax").iterdir())     # JAX's cache has the program now
   assert run("b") == 0                          # step cache B misses, JAX's hits
   assert run("b") == 1                          # B's entry loads and runs
+
+
+def test_size_limit_deletes_the_least_recently_used_entries(tmp_path):
+  """Past ``max_bytes`` a store deletes the entries used longest ago; a load
+  counts as a use; the entry just stored stays even when it alone is over."""
+  import os   # pylint: disable=g-import-not-at-top
+  import time   # pylint: disable=g-import-not-at-top
+  state, x = _args()
+  cache = StepCache(tmp_path)
+  keys = ["step a", "step b", "step c"]
+  for i, key in enumerate(keys):
+    cache.compile(jax.jit(_step), state, x, key=key)
+    # Distinct, ordered modification times, whatever the filesystem's resolution.
+    os.utime(cache.path(key, state, x), (1_000_000 + i, 1_000_000 + i))
+  sizes = {k: cache.path(k, state, x).stat().st_size for k in keys}
+  assert cache.size_bytes() == sum(sizes.values())
+  # A load from a new cache renews "step a": "step b" is now the oldest.
+  limited = StepCache(tmp_path, max_bytes=sizes["step a"] + sizes["step c"] + sizes["step a"])
+  assert limited.load("step a", state, x) is not None
+  assert cache.path("step a", state, x).stat().st_mtime > time.time() - 60
+  limited.compile(jax.jit(_step), state, x, key="step d")
+  left = {k for k in keys + ["step d"] if cache.path(k, state, x).exists()}
+  assert left == {"step a", "step c", "step d"}   # the same program: equal sizes
+  assert limited.size_bytes() <= limited.max_bytes
+  # A limit below one entry keeps just the newest.
+  tiny = StepCache(tmp_path, max_bytes=1)
+  tiny.compile(jax.jit(_step), state, x, key="step e")
+  assert [p.name for p in tmp_path.glob("*.step")] == [cache.path("step e", state, x).name]
+  with pytest.raises(ValueError, match="max_bytes"):
+    StepCache(tmp_path, max_bytes=-1)
