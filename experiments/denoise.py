@@ -440,6 +440,9 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   except WorkdirMismatch:
     ckpt.close()
     raise
+  if resumed_from is not None:
+    print(f"{strategy}: resuming from the checkpoint at step {resumed_from} of "
+          f"{int(fm.stage_boundaries(stages)[-1])} in {workdir}", file=sys.stderr)
   model = build_model(model_name, dtype, conv_algorithm)
   params = init_params(model, jax.random.PRNGKey(config.seed),
                        jnp.zeros((1, config.size, config.size, 3)), jnp.zeros((1,)),
