@@ -63,6 +63,31 @@ def test_smoke_resume_after_stop(tmp_path, split):
   assert r["work_units"] == r["work_units_closed_form"]
 
 
+def test_a_signal_stops_the_run_with_a_checkpoint_and_its_exit_status(tmp_path, monkeypatch,
+                                                                       capsys):
+  """The CLI's glue for Ctrl-C / SIGTERM (the handler itself is tested in
+  test_runtime.py): a stop requested before the first step ends the run
+  after it, checkpointed, with the shell's status for the signal."""
+  import contextlib   # pylint: disable=g-import-not-at-top
+  import signal   # pylint: disable=g-import-not-at-top
+  import threading   # pylint: disable=g-import-not-at-top
+  from experiments import runtime   # pylint: disable=g-import-not-at-top
+
+  @contextlib.contextmanager
+  def signalled():
+    stop = threading.Event()
+    stop.signum = signal.SIGTERM
+    stop.set()
+    yield stop
+
+  monkeypatch.setattr(runtime, "stop_on_signal", signalled)
+  with pytest.raises(SystemExit) as exc:
+    _run(tmp_path, "--strategy", "single")
+  assert exc.value.code == 128 + signal.SIGTERM
+  assert "single: stopped at step 1 (checkpointed)" in capsys.readouterr().err
+  assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / "results.json").exists()
+
+
 def test_invalid_hierarchy_fails_before_compute(tmp_path):
   with pytest.raises(SystemExit, match="--levels .*not divisible"):
     _run(tmp_path, "--strategy", "single", "--levels", "6")
