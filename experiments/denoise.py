@@ -387,13 +387,21 @@ def check_workdir(workdir: Path, signature: dict, has_checkpoints: bool) -> None
   """
   record = workdir / "run.json"
   if has_checkpoints and record.exists():
-    differences = signature_differences(json.loads(record.read_text()), signature)
+    try:
+      recorded = json.loads(record.read_text())
+    except ValueError:
+      raise WorkdirMismatch(f"{record} cannot be read, so the checkpoints beside it cannot "
+                            "be matched to this run; pass another --workdir, or delete "
+                            "that one to start afresh") from None
+    differences = signature_differences(recorded, signature)
     if differences:
       raise WorkdirMismatch(
           f"{workdir} holds checkpoints of another run ({'; '.join(differences)}); "
           "pass another --workdir, or delete that one to start afresh")
   if jax.process_index() == 0:
-    record.write_text(json.dumps(signature, indent=1))
+    tmp = record.with_suffix(".json.tmp")   # a run killed mid-write leaves the old record
+    tmp.write_text(json.dumps(signature, indent=1))
+    os.replace(tmp, record)
 
 
 def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: DenoiseData,

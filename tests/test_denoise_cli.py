@@ -134,6 +134,11 @@ def test_checkpoints_without_a_record_resume_as_before(tmp_path):
   # Without checkpoints there is nothing to resume: the new run's record replaces it.
   denoise.check_workdir(tmp_path, {**signature, "model": "unet"}, has_checkpoints=False)
   assert json.loads((tmp_path / "run.json").read_text())["model"] == "unet"
+  # A record that cannot be read cannot vouch for the checkpoints.
+  (tmp_path / "run.json").write_text('{"strategy": "sin')
+  with pytest.raises(denoise.WorkdirMismatch, match="cannot be read"):
+    denoise.check_workdir(tmp_path, signature, has_checkpoints=True)
+  assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_paper_config_reproduces_table2_work_units():
