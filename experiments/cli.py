@@ -8,9 +8,6 @@ types argparse rejects it at once, with the usual usage line.
 
 Example:
   >>> import argparse
-import math
-from pathlib import Path
-from pathlib import Path
   >>> p = argparse.ArgumentParser(prog="demo")
   >>> _ = p.add_argument("--repeats", type=positive_int, default=3)
   >>> p.parse_args(["--repeats", "5"]).repeats

@@ -80,6 +80,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import mmap
@@ -249,14 +250,13 @@ def cache_max_bytes(environ=None) -> int:
   step takes tens of MB, so without a limit the caches only grow; past it,
   the least recently used entries go.
   """
+  from experiments.cli import positive_float   # pylint: disable=g-import-not-at-top
   environ = os.environ if environ is None else environ
   text = environ.get("MGTRAIN_CACHE_MAX_GB", "")
   try:
-    gib = float(text) if text else DEFAULT_CACHE_MAX_GB
-  except ValueError:
-    gib = -1.0
-  if not 0 < gib < float("inf"):
-    raise SystemExit(f"MGTRAIN_CACHE_MAX_GB must be a positive number of GiB, got {text!r}")
+    gib = positive_float(text) if text else DEFAULT_CACHE_MAX_GB
+  except argparse.ArgumentTypeError as e:
+    raise SystemExit(f"MGTRAIN_CACHE_MAX_GB {e} (GiB)") from None
   return int(gib * 2**30)
 
 
@@ -298,12 +298,11 @@ def stop_on_signal():
   it) for ``mgtrain.full_multiscale.train``'s ``stop_requested``: a run
   stops after the step in flight and checkpoints it, where Python's default
   would drop every step since the last checkpoint (a paper-scale run saves
-  every 250 steps). A batch system's
-  SIGTERM before it kills a job gets the same treatment. A second SIGINT
-  raises ``KeyboardInterrupt`` at once (e.g. during a long compile); a
-  second SIGTERM ends the process as the default would. The previous
-  handlers come back on exit. Outside the main thread, where Python cannot
-  install handlers, the event is never set.
+  every 250 steps). A batch system's SIGTERM before it kills a job gets the
+  same treatment. A second SIGINT raises ``KeyboardInterrupt`` at once
+  (e.g. during a long compile); a second SIGTERM ends the process as the
+  default would. The previous handlers come back on exit. Outside the main
+  thread, where Python cannot install handlers, the event is never set.
 
   Example:
     >>> with stop_on_signal() as stop:
