@@ -426,8 +426,10 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
   ``split_step``: each stage's step as one program per model pass
   (:class:`mgtrain.split_step.SplitStep`). ``stop_requested``: an event
   that stops the run after the step in flight, with a checkpoint
-  (:func:`mgtrain.full_multiscale.train`). Raises :class:`WorkdirMismatch`,
-  before anything compiles, if ``workdir`` holds checkpoints of another run
+  (:func:`mgtrain.full_multiscale.train`). A finished ``results.json`` of
+  the same run (:func:`run_signature`) is returned as it is, unless
+  ``stop_after`` is set. Raises :class:`WorkdirMismatch`, before anything
+  compiles, if ``workdir`` holds checkpoints of another run
   (:func:`check_workdir`).
   """
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
@@ -438,13 +440,19 @@ def run_strategy(config: DenoiseConfig, strategy: str, workdir: Path, *, data: D
                         restriction=restriction)
   stages = fm.make_schedule(strategy, hierarchy, config.iterations,
                             config.fms_iterations(levels))
+  signature = run_signature(config, strategy, model_name=model_name, levels=levels,
+                            subsample=subsample, restriction=restriction, dtype=dtype,
+                            data_description=data.description, fuse_meshes=fuse_meshes)
+  done = workdir / "results.json"
+  if done.exists() and stop_after is None:
+    previous = json.loads(done.read_text())
+    if previous.get("status") == "complete" and not signature_differences(previous, signature):
+      print(f"{strategy}: already complete in {workdir}, reusing its results", file=sys.stderr)
+      return previous
   ckpt = Checkpointer(workdir / "checkpoints", every=config.checkpoint_every)
   resumed_from = ckpt.latest_step()
   try:
-    check_workdir(workdir, run_signature(
-        config, strategy, model_name=model_name, levels=levels, subsample=subsample,
-        restriction=restriction, dtype=dtype, data_description=data.description,
-        fuse_meshes=fuse_meshes), has_checkpoints=resumed_from is not None)
+    check_workdir(workdir, signature, has_checkpoints=resumed_from is not None)
   except WorkdirMismatch:
     ckpt.close()
     raise
@@ -805,19 +813,6 @@ def main(argv=None) -> dict:
   with graceful as stop:
     for strategy in strategies:
       out = workdir / strategy if args.strategy == "all" else workdir
-      done = out / "results.json"
-      if done.exists() and args.stop_after is None:
-        previous = json.loads(done.read_text())
-        signature = run_signature(config, strategy, model_name=args.model, levels=levels,
-                                  subsample=args.subsample, restriction=args.restriction,
-                                  dtype=args.compute_dtype, data_description=data.description,
-                                  fuse_meshes=fuse)
-        if previous.get("status") == "complete" and \
-            not signature_differences(previous, signature):
-          print(f"{strategy}: already complete in {out}, reusing its results",
-                file=sys.stderr)
-          results[strategy] = previous
-          continue
       try:
         r = run_strategy(config, strategy, out, data=data, model_name=args.model,
                          levels=levels, subsample=args.subsample,
