@@ -1110,21 +1110,21 @@ def mesh_problem(model_name: str, model, hierarchy: Hierarchy) -> str | None:
 
 
 def check_model_hierarchy(options: str, model_names, levels: int, size: int,
-                          base_batch: int) -> Hierarchy:
-  """The hierarchy of ``levels`` at ``size``, or an exit with one line (naming
-  ``options``) if ``size`` cannot be halved ``levels - 1`` times or one of
-  ``model_names`` cannot take one of its meshes: before anything compiles."""
+                          base_batch: int) -> None:
+  """Exits with one line (naming ``options``) if ``size`` cannot be halved
+  ``levels - 1`` times or one of ``model_names`` cannot take one of the
+  hierarchy's meshes: before anything compiles. (The caller builds its own
+  hierarchy after, so a coarse-mesh warning is left to that one.)"""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", CoarseMeshWarning)
-      h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
+      h = Hierarchy(levels=levels, size=size, base_batch=base_batch)
   except HierarchyError as e:
     raise SystemExit(f"{options}: {e}") from None
   for name in model_names:
     problem = mesh_problem(name, _bench_model(name), h)
     if problem:
       raise SystemExit(f"{options}: {problem}")
-  return h
 
 
 def check_hierarchies(config: BenchConfig) -> None:

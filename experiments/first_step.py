@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
       stage_program
   from experiments.denoise import make_loss_fn, resolve_sequential
   from mgtrain import full_multiscale as fm
+  from mgtrain.hierarchy import Hierarchy
   from mgtrain.nn import init_params
   from mgtrain.nn.convs import resolve_conv_algorithm
   if args.model not in BENCH_MODELS:
@@ -98,8 +99,10 @@ def main(argv=None) -> dict:
   conv_algorithm = resolve_conv_algorithm(args.conv_algorithm)
   model = _bench_model(args.model, conv_algorithm=conv_algorithm)
   size = args.size
-  hierarchy = check_model_hierarchy("--model / --size / --levels / --base-batch", [args.model],
-                                    args.levels, size, args.base_batch)
+  check_model_hierarchy("--model / --size / --levels / --base-batch", [args.model], args.levels,
+                        size, args.base_batch)
+  hierarchy = Hierarchy(levels=args.levels, size=size, base_batch=args.base_batch,
+                        restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                        jnp.zeros((1,)), step_cache=step_cache, on_platform=args.init_platform)
   jax.block_until_ready(params)

@@ -43,8 +43,8 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, check_model_hierarchy, \
-    layer_problem, stage_program
+from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, \
+    check_model_hierarchy, layer_problem, stage_program
 from experiments.cli import positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, \
     add_sequential_argument, make_loss_fn, resolve_sequential
@@ -115,12 +115,14 @@ def parse_args(argv=None):
                  help="step: the model's compute dtype (float32 params either way)")
   add_sequential_argument(p)
   add_conv_algorithm_argument(p)
-  p.add_argument("--size", type=positive_int, default=None, help="finest mesh (step) or image side (layer)")
+  p.add_argument("--size", type=positive_int, default=None,
+                 help="finest mesh (step) or image side (layer)")
   p.add_argument("--levels", type=positive_int, default=None)
   p.add_argument("--base-batch", type=positive_int, default=None)
   p.add_argument("--channels", type=positive_int, default=None, help="layer channels")
   p.add_argument("--batch", type=positive_int, default=None, help="layer batch")
-  p.add_argument("--calls", type=positive_int, default=None, help="traced calls (after one warm-up)")
+  p.add_argument("--calls", type=positive_int, default=None,
+                 help="traced calls (after one warm-up)")
   p.add_argument("--top", type=int, default=20, help="instructions in the Markdown table")
   p.add_argument("--device", choices=("cpu", "gpu"), default=None)
   p.add_argument("--workdir", default="runs/profile")
