@@ -38,6 +38,12 @@ def test_smoke_benchmark_writes_json_and_ratios(tmp_path):
         pytest.approx(mfc[f"mfc_over_{other}_forward_backward"])]
   # The smoke layer's spectrum is small: its FFTs run unchunked, and the table says so.
   assert mfc["mfc_fft_chunking"] is None
+  # The host's speed is measured at both ends of the run, and the table's header says so.
+  for when in ("start", "end"):
+    speed = saved["host_speed"][when]
+    assert speed["stream_gb_s"] > 0 and speed["matmul_gflop_s"] > 0
+    assert (speed["stream_mib"], speed["matmul_n"]) == (16, 256)
+  assert "Host speed" in (tmp_path / "benchmark.md").read_text()
   assert "MFC FFT chunks" in (tmp_path / "benchmark.md").read_text()
   # The default chunk size on CPU, by the finest mesh (16^2: 2^18), in both files.
   assert row["chunk_pixels"] == 2**18
