@@ -90,7 +90,7 @@ from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MO
     build_model, add_conv_algorithm_argument, add_sequential_argument, compute_dtype, \
     make_loss_fn, model_conv, resolve_chunk_pixels, resolve_sequential, resolve_split_step, \
     sample_denoise_batch
-from experiments.host_speed import host_speed
+from experiments.host_speed import describe as describe_host_speed, host_speed
 from mgtrain import full_multiscale as fm
 from mgtrain import workunits as wu
 from mgtrain.hierarchy import CoarseMeshWarning, Hierarchy, HierarchyError
@@ -1229,19 +1229,6 @@ HOST_SPEED_SIZES = {"smoke": {"stream_mib": 16, "matmul_n": 256},
                     "gpu": {"stream_mib": 1024, "matmul_n": 4096}}
 
 
-def host_speed_summary(speed: dict) -> str:
-  """``host_speed``'s start and end measurements in one phrase.
-
-  >>> s = {"stream_mib": 128, "stream_gb_s": 30.0, "matmul_n": 1024, "matmul_gflop_s": 99.0}
-  >>> host_speed_summary({"start": s, "end": dict(s, stream_gb_s=15.0)})
-  'memory stream 30.0 / 15.0 GB/s (128 MiB), float32 matmul 99 / 99 GFLOP/s (n = 1024)'
-  """
-  start, end = speed["start"], speed["end"]
-  return (f"memory stream {start['stream_gb_s']:.1f} / {end['stream_gb_s']:.1f} GB/s "
-          f"({start['stream_mib']} MiB), float32 matmul {start['matmul_gflop_s']:.0f} / "
-          f"{end['matmul_gflop_s']:.0f} GFLOP/s (n = {start['matmul_n']})")
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   runtime.use_device(args.device)
@@ -1371,7 +1358,7 @@ def main(argv=None) -> dict:
            mfc_table(out["mfc"])]
   out["host_speed"]["end"] = host_speed(**speed_sizes)
   md.insert(1, "Host speed (`experiments.host_speed`), start / end of the run: "
-            + host_speed_summary(out["host_speed"]) + ".")
+            + describe_host_speed(out["host_speed"]["start"], out["host_speed"]["end"]) + ".")
   (workdir / "benchmark.json").write_text(json.dumps(out, indent=2))
   figures = benchmark_plots.write_figures(out, workdir / "benchmark")
   if figures:

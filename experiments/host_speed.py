@@ -81,16 +81,23 @@ def host_speed(stream_mib: int = 128, matmul_n: int = 1024, repeats: int = 9,
           "matmul_n": matmul_n, "matmul_gflop_s": 2 * matmul_n**3 / matmul_s / 1e9}
 
 
-def describe(speed: dict) -> str:
-  """One line for logs and Markdown headers.
+def describe(speed: dict, end: dict | None = None) -> str:
+  """One line for logs and Markdown headers; with ``end``, a run's start and
+  end measurements side by side (``start / end``).
 
-  >>> describe({"device": "cpu:0", "stream_mib": 128, "stream_gb_s": 31.5,
-  ...           "matmul_n": 1024, "matmul_gflop_s": 120.0})
+  >>> s = {"device": "cpu:0", "stream_mib": 128, "stream_gb_s": 31.5,
+  ...      "matmul_n": 1024, "matmul_gflop_s": 120.0}
+  >>> describe(s)
   'cpu:0: memory stream 31.5 GB/s (v * 2 over 128 MiB), float32 matmul 120 GFLOP/s (n = 1024)'
+  >>> describe(s, dict(s, stream_gb_s=15.0))
+  'cpu:0: memory stream 31.5 / 15.0 GB/s (v * 2 over 128 MiB), float32 matmul 120 / 120 GFLOP/s (n = 1024)'
   """
-  return (f"{speed['device']}: memory stream {speed['stream_gb_s']:.1f} GB/s "
-          f"(v * 2 over {speed['stream_mib']} MiB), float32 matmul "
-          f"{speed['matmul_gflop_s']:.0f} GFLOP/s (n = {speed['matmul_n']})")
+  both = (speed,) if end is None else (speed, end)
+  stream = " / ".join(f"{m['stream_gb_s']:.1f}" for m in both)
+  matmul = " / ".join(f"{m['matmul_gflop_s']:.0f}" for m in both)
+  return (f"{speed['device']}: memory stream {stream} GB/s (v * 2 over "
+          f"{speed['stream_mib']} MiB), float32 matmul {matmul} GFLOP/s "
+          f"(n = {speed['matmul_n']})")
 
 
 def main(argv=None) -> dict:
