@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import benchmark_plots
+from experiments import benchmark_plots, timing
 from experiments.cli import existing_folder, nonnegative_int, positive_int
 from experiments.configs import CONFIGS as DENOISE_CONFIGS
 from experiments.denoise import AUTO_CHOICES, COMPUTE_DTYPES, CPU_CHUNK_RULE, MODEL_CONVS, \
@@ -155,18 +155,6 @@ CONFIGS = {
     "smoke": BenchConfig("smoke", (16,), 2, 1, ("resnet",), 2, (16,), (8,), 2, "smoke",
                          (32, 16), 24, ("resnet",), 16),
 }
-
-
-def _seconds(fn) -> float:
-  """Wall seconds of one call of ``fn``, its result awaited."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
-
-
-def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-  times = [_seconds(fn) for _ in range(repeats)]
-  return statistics.median(times), times
 
 
 def _memory(compiled) -> dict:
@@ -291,7 +279,7 @@ def _time_stage(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
   warm-up, with :func:`_compile_stage`'s figures."""
   info, one = _compile_stage(stage, hierarchy, loss_fn, params, pool, chunk_pixels,
                              fuse_meshes, compiler_options, accumulate, sequential)
-  median, times = _median_seconds(one, repeats)
+  median, times = timing.median_seconds(one, repeats)
   return {**info, "seconds_per_step": median, "samples": times}
 
 
@@ -317,7 +305,7 @@ def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, l
     for name, step in steps.items():
       for _ in range(settle):
         jax.block_until_ready(step())
-      times[name].append(_seconds(step))
+      times[name].append(timing.seconds(step))
   return times
 
 
@@ -807,8 +795,8 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
       compiled = jax.jit(fn).lower(params, arg).compile()
       row[f"{name}_compile_seconds"] = time.perf_counter() - t0
       jax.block_until_ready(compiled(params, arg))   # warm-up
-      row[f"{name}_seconds"] = _median_seconds(lambda: compiled(params, arg),
-                                               config.repeats)[0]
+      row[f"{name}_seconds"] = timing.median_seconds(lambda: compiled(params, arg),
+                                                      config.repeats)[0]
     row["speed_ratio"] = row["single_seconds"] / row["mge_seconds"]
     row["wu_ratio"] = row["work_units"]["single"] / row["work_units"]["mge"]
     rows.append(row)

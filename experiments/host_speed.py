@@ -28,9 +28,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
@@ -38,17 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from experiments.cli import positive_int
+from experiments.timing import median_seconds
 
 
-def _median_seconds(fn, arg, repeats: int) -> float:
-  for _ in range(2):
-    jax.block_until_ready(fn(arg))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(arg))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _median_seconds(fn, repeats: int) -> float:
+  # Two warm-up calls: the first compiles, the second faults in the output's pages.
+  return median_seconds(fn, repeats, warmup=2)[0]
 
 
 def host_speed(stream_mib: int = 128, matmul_n: int = 1024, repeats: int = 9,
@@ -72,10 +66,12 @@ def host_speed(stream_mib: int = 128, matmul_n: int = 1024, repeats: int = 9,
   device = device or jax.devices()[0]
   elements = stream_mib * 2**20 // 4
   v = jax.device_put(jnp.ones((elements,), jnp.float32), device)
-  stream_s = _median_seconds(jax.jit(lambda x: x * 2), v, repeats)
+  double = jax.jit(lambda x: x * 2)
+  stream_s = _median_seconds(functools.partial(double, v), repeats)
   del v
   a = jax.device_put(jax.random.normal(jax.random.key(0), (matmul_n, matmul_n)), device)
-  matmul_s = _median_seconds(jax.jit(lambda x: x @ x), a, repeats)
+  square = jax.jit(lambda x: x @ x)
+  matmul_s = _median_seconds(functools.partial(square, a), repeats)
   return {"device": str(device), "stream_mib": stream_mib,
           "stream_gb_s": 2 * elements * 4 / stream_s / 1e9,
           "matmul_n": matmul_n, "matmul_gflop_s": 2 * matmul_n**3 / matmul_s / 1e9}

@@ -61,8 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import _median_seconds
 from experiments.cli import positive_int
+from experiments.timing import median_seconds
 from mgtrain.nn import meshfree, winograd
 
 LEVERS = ("winograd", "host-fft", "bias-dot")
@@ -251,7 +251,7 @@ def time_lever(lever: str, size: int, batch: int, channels: int, repeats: int) -
     fb = jax.jit(jax.value_and_grad(lambda *a, f=f: 0.5 * jnp.sum(jnp.square(f(*a))),
                                     argnums=tuple(range(len(inputs)))))
     out = jax.block_until_ready(fb(*inputs))        # warm-up (compiles)
-    row["seconds"][name] = _median_seconds(lambda: fb(*inputs), repeats)[0]
+    row["seconds"][name] = median_seconds(lambda: fb(*inputs), repeats)[0]
     leaves = jax.tree.leaves(out)
     if reference is None:
       reference = leaves

@@ -37,8 +37,8 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark import _median_seconds
 from experiments.cli import positive_int
+from experiments.timing import median_seconds
 from experiments.layer_levers import conv3x3
 from mgtrain.nn.conv_dispatch import Conv3x3Dispatch
 from mgtrain.nn.im2col import im2col_conv3x3
@@ -74,7 +74,7 @@ def time_algorithms(channels: int, mesh: int, batch: int, repeats: int) -> dict:
     grad = jax.jit(jax.grad(lambda x, w, conv=conv: 0.5 * jnp.sum(jnp.square(conv(x, w))),
                             argnums=(0, 1)))
     jax.block_until_ready(grad(x, w))               # compiles
-    row[f"{name}_s"] = _median_seconds(lambda: grad(x, w), repeats)[0]
+    row[f"{name}_s"] = median_seconds(lambda: grad(x, w), repeats)[0]
   for name in ("winograd", "im2col"):
     row[f"{name}_ratio"] = row[f"{name}_s"] / row["direct_s"]
   row["default_dispatch"] = Conv3x3Dispatch().choose(

@@ -9,7 +9,7 @@ from experiments import host_speed
 
 def test_throughputs_follow_from_the_timed_seconds(monkeypatch):
   # With every program timed at exactly 0.5 s, the throughputs are the work over 0.5 s.
-  monkeypatch.setattr(host_speed, "_median_seconds", lambda fn, arg, repeats: 0.5)
+  monkeypatch.setattr(host_speed, "_median_seconds", lambda fn, repeats: 0.5)
   speed = host_speed.host_speed(stream_mib=8, matmul_n=100, repeats=1)
   assert speed["stream_gb_s"] == pytest.approx(2 * 8 * 2**20 / 0.5 / 1e9)
   assert speed["matmul_gflop_s"] == pytest.approx(2 * 100**3 / 0.5 / 1e9)
