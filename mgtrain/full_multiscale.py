@@ -187,26 +187,55 @@ def fresh_state(params, seed: int, tx: optax.GradientTransformation,
                      key=f"mgtrain.fresh_state seed={seed} level={level} {cache_key}")
 
 
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState,
+                    optax.InjectStatefulHyperparamsState)
+
+
 def carry_inner_state(previous, fresh):
   """The inner optimizer state a new Full-Multiscale stage starts from.
 
   ``previous`` (the last stage's) is kept when its structure matches the new
-  stage's optimizer, so moment estimates survive the hot start. If it is an
-  ``optax.inject_hyperparams`` state, only its wrapped optimizer's state is
-  carried and the hyperparameter schedule restarts (each stage runs its own
-  schedule, e.g. a cosine over the stage's iterations) while Adam's own step
-  count and bias correction continue. Otherwise ``fresh`` is returned.
+  stage's optimizer, so moment estimates survive the hot start, but every
+  learning-rate schedule in it restarts: each stage runs its own schedule
+  over its own iterations. A schedule's state is taken from ``fresh``
+  wherever it sits in the tree: an ``optax.inject_hyperparams`` state (its
+  count and hyperparameters; the wrapped optimizer's state is carried) and
+  the ``ScaleByScheduleState`` of a schedule passed straight to an optimizer
+  (``optax.adam(optax.cosine_decay_schedule(lr, n))``), whose count would
+  otherwise continue past the new schedule's end, where a decaying rate is 0.
+  Adam's own step count and bias correction continue. If the structures
+  differ, ``fresh`` is returned.
+
+  >>> import jax.numpy as jnp
+  >>> make = lambda n: optax.adam(optax.cosine_decay_schedule(1e-2, n))
+  >>> params = {"w": jnp.ones(2)}
+  >>> old = make(4).init(params)
+  >>> for _ in range(4):
+  ...   _, old = make(4).update({"w": jnp.ones(2)}, old, params)
+  >>> new = carry_inner_state(old, make(2).init(params))
+  >>> int(new[0].count), int(new[1].count)   # Adam's count goes on, the schedule's restarts
+  (4, 0)
   """
   if jax.tree.structure(previous) != jax.tree.structure(fresh) or any(
       jnp.shape(a) != jnp.shape(b)
       for a, b in zip(jax.tree.leaves(previous), jax.tree.leaves(fresh))):
     return fresh
-  if isinstance(previous, (optax.InjectHyperparamsState,
-                           optax.InjectStatefulHyperparamsState)):
-    # The schedule's own state (count, hyperparams, schedule states) comes
-    # from the fresh optimizer; only the wrapped optimizer's state is carried.
-    return fresh._replace(inner_state=previous.inner_state)
-  return previous
+  return _restart_schedules(previous, fresh)
+
+
+def _restart_schedules(previous, fresh):
+  """``previous`` with each schedule state (:data:`_SCHEDULE_STATES`) taken
+  from ``fresh``; the two trees have the same structure."""
+
+  def restart(p, f):
+    if isinstance(p, optax.ScaleByScheduleState):
+      return f
+    if isinstance(p, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+      return f._replace(inner_state=_restart_schedules(p.inner_state, f.inner_state))
+    return p
+
+  return jax.tree.map(restart, previous, fresh,
+                      is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
 
 
 def make_stage_step(stage: Stage, hierarchy: Hierarchy, loss_fn: Callable,

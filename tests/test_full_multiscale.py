@@ -194,6 +194,22 @@ def test_resume_at_stage_boundary(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_schedule_passed_to_adam_restarts_at_every_stage():
+  """``optax.adam(cosine_decay_schedule(lr, n))`` keeps its schedule's step
+  count in the optimizer state. Carried across a stage boundary unchanged,
+  that count would sit at the previous stage's end, where the cosine is 0,
+  and the finer stage would not move the parameters at all."""
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (6, 3))
+  coarse, _ = _train(stages, h, params, pool, sample_fn, loss_fn, stop_after=6)
+  both, _ = _train(stages, h, params, pool, sample_fn, loss_fn)
+  moved = max(float(jnp.max(jnp.abs(a - b)))
+              for a, b in zip(jax.tree.leaves(coarse.params), jax.tree.leaves(both.params)))
+  assert moved > 1e-4                       # three Adam steps at a rate near 1e-2
+  adam, schedule = both.opt_state.inner_state
+  assert int(adam.count) == 9 and int(schedule.count) == 3
+
+
 def test_carry_inner_state_keeps_moments_and_restarts_schedule():
   params = {"w": jnp.ones(3)}
   make = lambda n: optax.inject_hyperparams(optax.adam)(
