@@ -53,3 +53,14 @@ def test_walkthrough_prints_the_papers_work_units():
               f"{workunits.full_multiscale_closed_form(16, 2000)}")
   assert expected in text
   assert "single-scale 480000 | multiscale 74000 | full-multiscale 28750" in text
+
+
+def test_full_multiscale_notebook_prints_eq_47():
+  """The stored Full-Multiscale notebook's schedule costs what Eq. (47) says."""
+  from mgtrain import workunits
+
+  nb = nbformat.read(NOTEBOOK_DIR / "full_multiscale.ipynb", as_version=4)
+  text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+  closed = float(workunits.full_multiscale_closed_form(16, 2000))
+  assert f"total {closed:,.0f} #WU; Eq. (47): 115/128 N0 I = {closed:,.0f}" in text
+  assert "total 28,750 #WU" in text
