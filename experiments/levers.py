@@ -28,6 +28,14 @@ these commands, when levers still timed its variants in blocks::
 Usage::
 
   python -m experiments.levers --config smoke        # seconds, on CPU
+
+``--level-parallel off on`` times the MGE step by term on one device against
+the same terms each on its own device group (:mod:`mgtrain.level_parallel`).
+It needs a device per level; on CPU, fake devices share the same cores, so
+there it checks the plumbing, not a multi-device speed-up::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.levers \
+      --mge terms --level-parallel off on --chunk-pixels 262144
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +53,7 @@ from experiments import runtime  # noqa: F401  (sets XLA_FLAGS before jax)
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from experiments.benchmark import BENCH_MODELS, _bench_model, _compile_stage, \
     _time_interleaved, check_model_hierarchy, median_ratio_per_round
@@ -51,10 +61,12 @@ from experiments.cli import nonnegative_int, positive_int
 from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, make_loss_fn, \
     sample_denoise_batch
 from mgtrain import full_multiscale as fm
+from mgtrain import level_parallel
 from mgtrain.hierarchy import Hierarchy
 from mgtrain.nn import init_params
 from mgtrain.nn.convs import resolve_conv_algorithm
 from mgtrain.sampling import on_finest_mesh
+from mgtrain.transform import multiscale
 
 # --sampling: each MGE term drawn on its own finest mesh, or all on the finest.
 SAMPLING = ("coarse", "fine")
@@ -64,8 +76,8 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
                     options: dict, chunk_pixels: int | None = None,
                     single_batch: int | None = None, dtype: str = "float32",
                     sequential: bool = False, conv_algorithm: str = "auto",
-                    split_step: bool = False,
-                    sampling: str = "coarse") -> tuple[dict, Callable[[], jax.Array]]:
+                    split_step: bool = False, sampling: str = "coarse",
+                    level_parallel_step: bool = False) -> tuple[dict, Callable[[], jax.Array]]:
   """One variant compiled and warmed up by the benchmark's own ``_compile_stage``.
 
   Returns ``(row, step)``: the variant's settings with its lowering and
@@ -78,9 +90,15 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   (:class:`mgtrain.split_step.SplitStep`). ``sampling="fine"`` draws every
   term's samples on the finest mesh (:func:`mgtrain.sampling.on_finest_mesh`)
   instead of on the term's own finest mesh (``"coarse"``, the default).
+  ``level_parallel_step`` runs each MGE term on its own group of
+  ``jax.devices()`` (:func:`level_parallel_variant`; ``mode="terms"`` only).
   """
   if sampling not in SAMPLING:
     raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+  if level_parallel_step and (mode != "terms" or single_batch or split_step or sequential
+                              or options):
+    raise ValueError("a level-parallel step runs the MGE terms (mode 'terms') as separate "
+                     "programs: no single batch, split step, sequential passes or XLA options")
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
   model = _bench_model(model_name, dtype, conv_algorithm)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
@@ -89,15 +107,54 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   stage = (fm.Stage((0,), (single_batch,), 1) if single_batch
            else fm.multiscale_schedule(h, 1)[0])
   fuse = mode == "by-mesh" and not single_batch
-  info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels, fuse,
-                              compiler_options=options, sequential=sequential,
-                              split_step=split_step and not single_batch,
-                              sample_fn=(sample_denoise_batch if sampling == "coarse"
-                                         else on_finest_mesh(sample_denoise_batch)))
+  sample_fn = (sample_denoise_batch if sampling == "coarse"
+               else on_finest_mesh(sample_denoise_batch))
+  if level_parallel_step:
+    info, step = level_parallel_variant(stage, h, make_loss_fn(model), params, pool,
+                                        chunk_pixels, sample_fn)
+  else:
+    info, step = _compile_stage(stage, h, make_loss_fn(model), params, pool, chunk_pixels,
+                                fuse, compiler_options=options, sequential=sequential,
+                                split_step=split_step and not single_batch, sample_fn=sample_fn)
   return {"model": model_name, "size": size, "mge": mode, "options": options,
-          "sampling": sampling,
+          "sampling": sampling, "level_parallel": level_parallel_step,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
+
+
+def level_parallel_variant(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
+                           chunk_pixels: int | None, sample_fn) -> tuple[dict, Callable]:
+  """``stage``'s MGE step with each term on its own group of ``jax.devices()``
+  (:mod:`mgtrain.level_parallel`), warmed up: ``(info, step)`` as from
+  :func:`experiments.benchmark._compile_stage`, with the same optimizer.
+
+  The term programs compile on the first call, so ``compile_seconds`` is that
+  call's wall time (tracing, lowering and compiling every group's programs, and
+  one step); there is no separate lowering time and no single memory plan
+  (``lower_seconds``, ``temp_bytes`` and ``peak_bytes`` are ``None``).
+  ``device_groups`` gives each group's device count. Needs at least one device
+  per level: on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
+  """
+  tx = multiscale(optax.adam(1e-4), len(stage.levels))
+  groups = level_parallel.device_groups(stage, jax.devices())
+  lp = level_parallel.make_level_parallel_step(stage, hierarchy, loss_fn, sample_fn, tx, groups,
+                                               chunk_pixels)
+  holder = {}
+  holder["state"], data = lp.place(fm.fresh_state(params, seed=0, tx=tx), pool)
+
+  def one():
+    holder["state"], metrics = lp(holder["state"], data)
+    return metrics["loss"]
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(one())
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(one())   # a warm-up call, as the other variants have
+  return {"levels": list(stage.levels), "batch_sizes": list(stage.batch_sizes),
+          "work_units_per_step": float(stage.work_units_per_step), "fuse_meshes": False,
+          "split_step": False, "sequential": False, "device_groups": [len(g) for g in groups],
+          "lower_seconds": None, "compile_seconds": compile_s,
+          "temp_bytes": None, "peak_bytes": None}, one
 
 
 def time_interleaved(rows: list[dict], steps: list[Callable[[], jax.Array]],
@@ -125,7 +182,9 @@ def levers_table(rows: list[dict]) -> str:
   for r in rows:
     mode = f"single b{r['single_batch']}" if r.get("single_batch") else (
         r["mge"] + (" split" if r.get("split_step") else "")
-        + (" fine sampling" if r.get("sampling") == "fine" else ""))
+        + (" fine sampling" if r.get("sampling") == "fine" else "")
+        + (" level-parallel ({})".format("/".join(map(str, r["device_groups"])))
+           if r.get("level_parallel") else ""))
     settings = (f"| {r['model']} | {r['size']} | {mode} | {r['compute_dtype']} "
                 f"| {'on' if r['sequential'] else 'off'} | {r.get('conv_algorithm', 'direct')} "
                 f"| {r.get('chunk_pixels') or 0} "
@@ -135,8 +194,9 @@ def levers_table(rows: list[dict]) -> str:
     elif "seconds_per_step" not in r:
       lines.append(settings + "| not timed | | | |")
     else:
+      memory = "-" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}"
       lines.append(settings + f"| {r['seconds_per_step'] * 1e3:.2f} | {r['ratio_to_first']:.3f}x "
-                   f"| {r['compile_seconds']:.1f} | {r['temp_bytes'] / 2**20:.0f} |")
+                   f"| {r['compile_seconds']:.1f} | {memory} |")
   return "\n".join(lines) + "\n"
 
 
@@ -165,6 +225,10 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--sampling", nargs="+", choices=SAMPLING, default=["coarse"],
                  help="draw each MGE term's samples on its finest mesh (coarse, the "
                       "default) and/or all on the finest mesh (fine; mgtrain.sampling)")
+  p.add_argument("--level-parallel", nargs="+", choices=("off", "on"), default=["off"],
+                 help="the MGE terms on one device (off) and/or each on its own device group, "
+                      "concurrently (on; mgtrain.level_parallel; needs --mge terms and at least "
+                      "one device per level)")
   add_conv_algorithm_argument(p, nargs="+")
   p.add_argument("--single-batch", type=nonnegative_int, default=0,
                  help="time a single-scale step of this batch instead of MGE")
@@ -181,22 +245,33 @@ def main(argv=None) -> list[dict]:
   for size in sizes:
     check_model_hierarchy("--model / --sizes / --levels / --base-batch", [args.model], levels,
                           size, base_batch)
+  if "on" in args.level_parallel:
+    if args.single_batch or args.mge != ["terms"] or "on" in args.split_step \
+        or "on" in args.sequential or args.options != [{}]:
+      p.error("--level-parallel on runs the MGE terms as separate programs: it needs --mge "
+              "terms, and no --single-batch, --split-step on, --sequential on or --options")
+    if len(jax.devices()) < levels:
+      p.error(f"--level-parallel on needs at least one device per level ({levels}); found "
+              f"{len(jax.devices())}. On CPU, run with "
+              f"XLA_FLAGS=--xla_force_host_platform_device_count={levels} (or more)")
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for size in sizes:
     timed_rows, steps = [], []
     for mode in (["single"] if args.single_batch else args.mge):
-      for options, chunk, dtype, seq, algo, split, sampling in itertools.product(
+      for options, chunk, dtype, seq, algo, split, sampling, lp in itertools.product(
           args.options, args.chunk_pixels, args.compute_dtype, args.sequential,
-          args.conv_algorithm, args.split_step, args.sampling):
+          args.conv_algorithm, args.split_step, args.sampling, args.level_parallel):
         label = (f"{args.model} {size}^2 {mode} chunk {chunk} {dtype} sequential {seq} "
-                 f"conv {algo} split {split} sampling {sampling} {json.dumps(options)}")
+                 f"conv {algo} split {split} sampling {sampling} level-parallel {lp} "
+                 f"{json.dumps(options)}")
         try:
           row, step = compile_variant(args.model, size, levels, base_batch, mode, options,
                                       chunk or None, args.single_batch or None, dtype,
                                       sequential=seq == "on", conv_algorithm=algo,
-                                      split_step=split == "on", sampling=sampling)
+                                      split_step=split == "on", sampling=sampling,
+                                      level_parallel_step=lp == "on")
         except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
           row = {"model": args.model, "size": size, "mge": mode, "options": options,
                  "compute_dtype": dtype, "sequential": seq == "on", "conv_algorithm": algo,
@@ -206,9 +281,10 @@ def main(argv=None) -> list[dict]:
         else:
           timed_rows.append(row)
           steps.append(step)
-          print(f"{label}: compiled (lower {row['lower_seconds']:.1f} s, compile "
-                f"{row['compile_seconds']:.1f} s, working memory {row['temp_bytes']} B)",
-                flush=True)
+          lowered = ("" if row["lower_seconds"] is None
+                     else f"lower {row['lower_seconds']:.1f} s, ")
+          print(f"{label}: compiled ({lowered}compile {row['compile_seconds']:.1f} s, "
+                f"working memory {row['temp_bytes']} B)", flush=True)
         row["label"] = label
         rows.append(row)
     if steps:

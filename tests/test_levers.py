@@ -1,5 +1,13 @@
 """experiments.levers: per-program XLA options A/B, unknown options reported, not fatal."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from experiments import levers
 
 
@@ -46,3 +54,34 @@ def test_smoke_levers_sampling_on_coarse_or_finest_meshes(tmp_path):
   assert fine["seconds_per_step"] > 0
   table = (tmp_path / "levers.md").read_text()
   assert "| by-mesh fine sampling |" in table and "| by-mesh |" in table
+
+
+def test_smoke_levers_level_parallel_on_two_fake_devices(tmp_path):
+  """Each MGE term on its own (fake CPU) device, timed beside the one-device
+  step. A fresh process: the device count is fixed when jax initialises."""
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+  proc = subprocess.run([sys.executable, "-m", "experiments.levers", "--config", "smoke",
+                         "--mge", "terms", "--level-parallel", "off", "on", "--repeats", "1",
+                         "--workdir", str(tmp_path)],
+                        capture_output=True, text=True, env=env, timeout=600,
+                        cwd=Path(__file__).resolve().parents[1])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one, lp = json.loads((tmp_path / "levers.json").read_text())
+  assert not one["level_parallel"] and lp["level_parallel"]
+  assert lp["device_groups"] == [1, 1]           # the smoke step's two terms, a device each
+  assert lp["seconds_per_step"] > 0 and lp["compile_seconds"] > 0
+  assert lp["temp_bytes"] is None and lp["lower_seconds"] is None
+  table = (tmp_path / "levers.md").read_text()
+  assert "| terms level-parallel (1/1) |" in table and "| terms |" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mge", "by-mesh", "--level-parallel", "on"], "needs --mge terms"),
+    (["--mge", "terms", "--level-parallel", "on", "--split-step", "on"], "needs --mge terms"),
+    (["--mge", "terms", "--level-parallel", "on"], "at least one device per level"),
+])
+def test_level_parallel_refuses_what_it_cannot_run(tmp_path, capsys, argv, message):
+  with pytest.raises(SystemExit):
+    levers.main(["--config", "smoke", *argv, "--workdir", str(tmp_path)])
+  assert message in capsys.readouterr().err
