@@ -41,6 +41,7 @@ import warnings
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 
 SUBSAMPLE_MODES = ("coarsen", "crop", "coarsen+crop")
 RESTRICTIONS = ("average", "bilinear", "nearest")
@@ -169,7 +170,9 @@ class Hierarchy:
     Every array leaf of rank 4 ``(B, H, W, C)`` is treated as an image and
     restricted; other leaves (e.g. a per-sample noise level ``t`` of shape
     ``(B,)``) pass through unchanged, because they describe the sample, not
-    its mesh.
+    its mesh. Integer and boolean images (label maps, masks) are coarsened
+    by ``"nearest"`` whatever the hierarchy's restriction: an average of
+    labels is not a label.
 
     Args:
       batch: pytree of arrays with a leading batch axis.
@@ -194,7 +197,8 @@ class Hierarchy:
       op = self._operation(level)
       if op == "coarsen":
         batch = jax.tree.map(
-            lambda x: coarsen(x, self.restriction) if _is_image(x) else x, batch)
+            lambda x: coarsen(x, self.restriction if _is_real(x) else "nearest")
+            if _is_image(x) else x, batch)
       else:
         if key is None:
           raise HierarchyError(
@@ -242,16 +246,25 @@ def _is_image(x) -> bool:
   return hasattr(x, "ndim") and x.ndim == 4
 
 
+def _is_real(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
 def coarsen(x: jax.Array, restriction: str = "average") -> jax.Array:
   """Restricts NHWC images to a mesh twice as coarse.
 
   Args:
     x: ``(B, H, W, C)`` with even ``H`` and ``W``.
     restriction: ``"average"`` (2x2 block mean, preserves the image mean),
-      ``"bilinear"`` or ``"nearest"``.
+      ``"bilinear"`` or ``"nearest"``. Integer and boolean images take
+      ``"nearest"`` only (:meth:`Hierarchy.restrict` picks it for them).
 
   Returns:
-    ``(B, H/2, W/2, C)``.
+    ``(B, H/2, W/2, C)``, of ``x``'s dtype.
+
+  Raises:
+    HierarchyError: for an odd mesh, an unknown restriction, or an integer
+      or boolean image with a restriction other than ``"nearest"``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -262,6 +275,10 @@ def coarsen(x: jax.Array, restriction: str = "average") -> jax.Array:
   b, h, w, c = x.shape
   if h % 2 or w % 2:
     raise HierarchyError(f"cannot coarsen an odd mesh {h}x{w}")
+  if restriction in ("average", "bilinear") and not _is_real(x):
+    raise HierarchyError(
+        f"restriction {restriction!r} would turn {x.dtype} labels into fractions; "
+        "use 'nearest' for integer and boolean images")
   if restriction == "average":
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
   if restriction == "nearest":

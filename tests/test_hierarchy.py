@@ -42,6 +42,28 @@ def test_non_image_leaves_pass_through():
   np.testing.assert_array_equal(out["t"], batch["t"])
 
 
+@pytest.mark.parametrize("restriction", ["average", "bilinear", "nearest"])
+def test_label_images_are_restricted_by_nearest(restriction):
+  """Integer and boolean images (label maps, masks) keep their values and
+  dtype on every level, whatever restriction the real-valued images use."""
+  rng = np.random.default_rng(0)
+  labels = jnp.asarray(rng.integers(0, 5, size=(2, 16, 16, 1)), jnp.int32)
+  mask = jnp.asarray(rng.random((2, 16, 16, 1)) < 0.5)
+  image = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  h = Hierarchy(levels=3, size=16, restriction=restriction)
+  out = h.restrict({"labels": labels, "mask": mask, "image": image}, 2)
+  np.testing.assert_array_equal(out["labels"], labels[:, ::4, ::4])
+  np.testing.assert_array_equal(out["mask"], mask[:, ::4, ::4])
+  assert out["labels"].dtype == jnp.int32 and out["mask"].dtype == jnp.bool_
+  np.testing.assert_allclose(out["image"], coarsen(coarsen(image, restriction), restriction))
+
+
+@pytest.mark.parametrize("restriction", ["average", "bilinear"])
+def test_coarsen_refuses_to_average_labels(restriction):
+  with pytest.raises(HierarchyError, match="use 'nearest'"):
+    coarsen(jnp.zeros((1, 4, 4, 1), jnp.int32), restriction)
+
+
 def test_crop_keeps_mesh_and_aligns_leaves():
   h = Hierarchy(levels=3, size=16, subsample="crop")
   x = jnp.arange(2 * 16 * 16, dtype=jnp.float32).reshape(2, 16, 16, 1)
