@@ -96,6 +96,15 @@ def stack_levels(level_updates: Any | Sequence[Any], num_levels: int):
   return level_updates
 
 
+def _check_shapes(updates, reference, what: str, hint: str) -> None:
+  """Raises ``ValueError`` unless ``updates`` has ``reference``'s tree and
+  leaf shapes (static shapes, so this costs nothing inside ``jit``)."""
+  got = jax.tree.map(jnp.shape, updates)
+  want = jax.tree.map(jnp.shape, reference)
+  if jax.tree.structure(updates) != jax.tree.structure(reference) or got != want:
+    raise ValueError(f"{what}: expected leaves of shapes {want}, got {got}; {hint}")
+
+
 def _sq_norm_per_level(stacked) -> jax.Array:
   leaves = jax.tree.leaves(stacked)
   return sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1).astype(jnp.float32)), axis=1)
@@ -148,11 +157,20 @@ def multiscale(inner: optax.GradientTransformation, num_levels: int,
         inner_state=inner.init(params))
 
   def update_fn(level_updates, state, params=None, **extra_args):
+    # Without these checks a gradient of the other kind (summed where level
+    # terms are expected, or the reverse) could broadcast through the
+    # arithmetic and reach the parameters with the wrong shape, silently.
     if not level_terms:
+      if params is not None:
+        _check_shapes(level_updates, params, "multiscale(level_terms=False) takes the summed "
+                      "gradient, params-shaped", "for per-level terms use level_terms=True")
       updates, inner_state = inner.update(level_updates, state.inner_state, params,
                                           **extra_args)
       return updates, state._replace(count=state.count + 1, inner_state=inner_state)
     stacked = stack_levels(level_updates, num_levels)
+    _check_shapes(stacked, state.term_mean, f"multiscale takes {num_levels} level terms, "
+                  "params-shaped leaves with a leading level axis",
+                  "for an already summed gradient use level_terms=False")
     combined = jax.tree.map(lambda g: jnp.sum(g, axis=0), stacked)
 
     count = state.count + 1

@@ -84,8 +84,12 @@ def test_split_step_matches_one_program(fuse_meshes, subsample, sequential, chun
 def test_split_step_differs_when_it_should():
   """The comparison above can fail: another seed draws other samples."""
   stage, h, loss_fn, sample_fn, tx, state, pool = _problem()
-  reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 1)
+  reference = _one_program_steps(stage, h, loss_fn, sample_fn, tx, state(), pool, 1,
+                                 fuse_meshes=True)
   s, metrics = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)(state(seed=4), pool)
+  # The same seed gives the same step, so the difference below is the seed's.
+  same, same_metrics = SplitStep(stage, h, loss_fn, sample_fn, tx, fuse_meshes=True)(state(), pool)
+  _assert_same_steps(reference, (same, [same_metrics]), 1e-5)
   with pytest.raises(AssertionError):
     _assert_same_steps(reference, (s, [metrics]), 1e-5)
 

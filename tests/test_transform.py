@@ -161,3 +161,16 @@ def test_converges_on_quadratic():
     u, state = tx.update(g, state, params)
     params = optax.apply_updates(params, u)
   np.testing.assert_allclose(params, target, atol=1e-4)
+
+
+@pytest.mark.parametrize("level_terms, grads, hint", [
+    # All leaves of the summed gradient happen to lead with L = 3: without the
+    # check it passed as three level terms, and the update broadcast.
+    (True, {"w": jnp.ones((3, 5))}, "use level_terms=False"),
+    (False, {"w": jnp.ones((3, 3, 5))}, "use level_terms=True"),
+])
+def test_a_gradient_of_the_other_kind_is_refused(level_terms, grads, hint):
+  params = {"w": jnp.ones((3, 5))}
+  tx = multiscale(optax.sgd(0.1), num_levels=3, level_terms=level_terms)
+  with pytest.raises(ValueError, match=hint):
+    jax.jit(tx.update)(grads, tx.init(params), params)
