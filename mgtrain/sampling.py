@@ -43,8 +43,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from mgtrain.hierarchy import Hierarchy
+from mgtrain.hierarchy import Hierarchy, HierarchyError
 
 _MARK = "draws_on_coarse_meshes"
 
@@ -87,8 +88,23 @@ def draw(sample_fn: Callable, data: Any, key: jax.Array, n: int, hierarchy: Hier
   restrict.
   """
   if level and hierarchy.subsample == "coarsen" and draws_on_coarse_meshes(sample_fn):
-    return sample_fn(data, key, n, hierarchy=hierarchy, level=level), level
-  return sample_fn(data, key, n), 0
+    batch, batch_level = sample_fn(data, key, n, hierarchy=hierarchy, level=level), level
+  else:
+    batch, batch_level = sample_fn(data, key, n), 0
+  _check_batch_size(batch, n, sample_fn)
+  return batch, batch_level
+
+
+def _check_batch_size(batch: Any, n: int, sample_fn: Callable) -> None:
+  """Raises :class:`HierarchyError` unless every non-scalar leaf of ``batch``
+  has ``n`` samples on its leading axis. A sampler that ignored ``n`` would
+  otherwise train on other batch sizes than the step counts #WU for."""
+  for leaf in jax.tree.leaves(batch):
+    if jnp.ndim(leaf) and jnp.shape(leaf)[0] != n:
+      name = getattr(sample_fn, "__name__", repr(sample_fn))
+      raise HierarchyError(
+          f"sample_fn {name} was asked for {n} samples but returned a leaf of shape "
+          f"{jnp.shape(leaf)}; every array in a batch needs the batch size on axis 0")
 
 
 def draw_levels(sample_fn: Callable, data: Any, keys, batch_sizes, hierarchy: Hierarchy,

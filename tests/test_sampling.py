@@ -170,3 +170,25 @@ def test_level_views_takes_one_input_level_per_batch():
     level_views(drawn, h, input_level=(0, 2, 2))
   with pytest.raises(HierarchyError, match="input levels for 3 batches"):
     level_views(drawn, h, input_level=(0, 1))
+
+
+def test_a_sampler_that_ignores_n_is_refused():
+  """A sampler that returns another batch size than it was asked for would
+  train on other samples than the step counts #WU for; the step refuses it
+  when it traces. A scalar leaf (no batch axis) is fine."""
+  h, params, pool, sample_fn, loss_fn = tiny_denoising_problem(16, 2, 1)
+  stage = fm.multiscale_schedule(h, 1)[0]                   # batches 1 and 2
+  tx = multiscale(optax.sgd(0.1), len(stage.levels))
+  state = fm.fresh_state(params, seed=0, tx=tx)
+
+  def fixed_size(data, key, n):
+    return sample_fn(data, key, 2)                           # ignores n
+
+  def with_scalar(data, key, n):
+    return {**sample_fn(data, key, n), "sigma": jnp.float32(0.1)}
+
+  step = jax.jit(fm.make_stage_step(stage, h, loss_fn, fixed_size, tx))
+  with pytest.raises(HierarchyError, match="asked for 1 samples but returned a leaf of shape"):
+    step(state, pool)
+  batch, level = draw(with_scalar, pool, jax.random.key(0), 2, h, 0)
+  assert level == 0 and batch["sigma"].shape == ()
