@@ -324,7 +324,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
     loss_fn: per-sample loss ``loss_fn(params, batch) -> (B,)``.
     sample_fn: ``sample_fn(data, key, n)`` -> a batch of ``n`` fresh samples
       on the finest mesh (pure, jittable).
-    data: pytree of arrays passed to every step (e.g. a patch pool on device).
+    data: pytree of arrays passed to every step (e.g. a patch pool). Host
+      (numpy) arrays are put on the device once, before the first step.
     make_optimizer: ``make_optimizer(iterations) -> optax transform``; each
       stage gets a fresh one (e.g. Adam with a cosine schedule over the
       stage), wrapped in :func:`mgtrain.transform.multiscale`.
@@ -425,6 +426,10 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
       parallel.check_batches(st.batch_sizes, mesh)
     sample_fn = parallel.shard_batches(sample_fn, mesh)
     data = parallel.replicate(data, mesh)
+  elif lp_devices is None:
+    # Once, explicitly: host (numpy) arrays passed as they are would be
+    # copied to the device again at every step.
+    data = jax.device_put(data)
   bounds = stage_boundaries(stages)
   total = int(bounds[-1])
   optimizers = [multiscale(make_optimizer(s.iterations), len(s.levels),

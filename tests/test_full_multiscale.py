@@ -229,3 +229,16 @@ def test_carry_inner_state_keeps_moments_and_restarts_schedule():
   # A different optimizer structure cannot be carried: start afresh.
   other = optax.sgd(0.1).init(params)
   assert fm.carry_inner_state(state, other) is other
+
+
+def test_host_data_is_put_on_the_device_once():
+  """A numpy pool is copied to the device once, not at every step: with
+  implicit host-to-device transfers disallowed the run still trains (it
+  raised at the first step before), and gives the device pool's result."""
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  stages = fm.full_multiscale_schedule(h, (3, 2))
+  on_device, _ = _train(stages, h, params, pool, sample_fn, loss_fn)
+  with jax.transfer_guard_host_to_device("disallow"):
+    on_host, _ = _train(stages, h, params, jax.tree.map(np.asarray, pool), sample_fn, loss_fn)
+  for a, b in zip(jax.tree.leaves(on_device.params), jax.tree.leaves(on_host.params)):
+    np.testing.assert_array_equal(a, b)
