@@ -67,6 +67,13 @@ class Checkpointer:
                                       history=ocp.args.JsonRestore()))
     return restored["state"], restored["history"]
 
+  def restore_history(self, step: int) -> dict:
+    """The history saved under ``step`` alone, without the state: what a
+    resuming run checks before it builds the state's structure."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(history=ocp.args.JsonRestore()))
+    return restored["history"]
+
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()

@@ -126,6 +126,19 @@ def schedule_work_units(stages: Sequence[Stage]) -> Fraction:
       [(s.levels, s.batch_sizes, s.iterations) for s in stages])
 
 
+def schedule_record(stages: Sequence[Stage], hierarchy: Hierarchy) -> dict:
+  """A JSON-able record of a run's schedule: what a checkpoint must match to
+  be resumed by :func:`train`.
+
+  >>> h = Hierarchy(levels=2, size=16, base_batch=1)
+  >>> schedule_record(full_multiscale_schedule(h, (4, 2)), h)["stages"]
+  [{'levels': [1], 'batch_sizes': [2], 'iterations': 4}, {'levels': [0, 1], 'batch_sizes': [1, 2], 'iterations': 2}]
+  """
+  return {"stages": [{"levels": list(st.levels), "batch_sizes": list(st.batch_sizes),
+                      "iterations": st.iterations} for st in stages],
+          "hierarchy": repr(hierarchy)}
+
+
 def stage_boundaries(stages: Sequence[Stage]) -> np.ndarray:
   """Global step at which each stage starts, plus the total: ``(S + 1,)``."""
   return np.concatenate([[0], np.cumsum([s.iterations for s in stages])]).astype(int)
@@ -437,7 +450,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 
   history = {"step": [], "loss": [], "work_units": [], "level": [], "evals": [],
              "compile_seconds": [0.0] * len(stages),
-             "train_seconds": [0.0] * len(stages)}
+             "train_seconds": [0.0] * len(stages),
+             "schedule": schedule_record(stages, hierarchy)}
   ahead = compile_ahead and mesh is None and lp_devices is None
   state = fresh_state(params, seed, optimizers[0], stages[0].mesh_level, step_cache,
                       None if step_cache is None else
@@ -445,6 +459,13 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 
   if checkpointer is not None and checkpointer.latest_step() is not None:
     step = checkpointer.latest_step()
+    saved = checkpointer.restore_history(step).get("schedule")
+    # Checkpoints from before the schedule was recorded cannot be checked.
+    if saved is not None and saved != history["schedule"]:
+      raise ValueError(
+          f"the checkpoint at step {step} in {checkpointer.directory} was written by a run "
+          f"with another schedule ({saved}); this run's is {history['schedule']}. Resume "
+          "with the same stages and hierarchy, or use a fresh checkpoint directory")
     # The checkpoint after step k holds the optimizer of the stage that ran step k.
     s, _ = locate(stages, max(step - 1, 0))
     if s >= len(stages):
@@ -606,6 +627,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 __all__ = [
     "Stage", "TrainState", "STRATEGIES", "single_scale_schedule", "multiscale_schedule",
     "full_multiscale_schedule", "make_schedule", "schedule_work_units", "train",
-    "make_stage_step", "step_keys", "apply_gradient", "stage_boundaries", "locate",
+    "make_stage_step", "step_keys", "apply_gradient", "schedule_record", "stage_boundaries",
+    "locate",
     "init_state", "carry_inner_state",
 ]

@@ -116,6 +116,27 @@ def test_compile_ahead_stops_with_the_run():
   assert int(state.step) == 2 and hist["background_compile_seconds"] == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("other", ["iterations", "strategy", "hierarchy"])
+def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path, other):
+  """A checkpoint holds the schedule it was written under. Resumed with other
+  stage iterations it used to continue silently, mixing two schedules; with
+  another strategy, orbax failed on the state's structure. Both, and another
+  hierarchy, are refused with the two schedules named, before any state is
+  restored."""
+  h, params, pool, sample_fn, loss_fn = _setup(levels=2, base_batch=1)
+  ckpt = Checkpointer(tmp_path / "ckpt", every=1)
+  _train(fm.full_multiscale_schedule(h, (4, 2)), h, params, pool, sample_fn, loss_fn,
+         checkpointer=ckpt, stop_after=3)
+  if other == "hierarchy":
+    h = Hierarchy(levels=2, size=SIZE, base_batch=1, restriction="nearest")
+  stages = {"iterations": fm.full_multiscale_schedule(h, (6, 2)),
+            "strategy": fm.single_scale_schedule(h, 6),
+            "hierarchy": fm.full_multiscale_schedule(h, (4, 2))}[other]
+  with pytest.raises(ValueError, match="written by a run with another schedule"):
+    _train(stages, h, params, pool, sample_fn, loss_fn, checkpointer=ckpt)
+  assert ckpt.latest_step() == 3                           # nothing was trained or saved
+
+
 @pytest.mark.parametrize("fuse_meshes", [False, True])
 def test_resume_matches_uninterrupted(tmp_path, fuse_meshes):
   """Stop, resume from the checkpoint, and match the uninterrupted per-term run.
