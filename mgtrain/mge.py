@@ -55,7 +55,10 @@ LossFn = Callable[[Any, Any], jax.Array]
 
 
 def _mean_loss(loss_fn: LossFn, params, batch) -> jax.Array:
-  value = loss_fn(params, batch)
+  # At least float32: a term is a small difference of two means, which a
+  # bfloat16 loss (3 significant digits) would round away.
+  value = jnp.asarray(loss_fn(params, batch))
+  value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
   return jnp.mean(value) if jnp.ndim(value) else value
 
 
