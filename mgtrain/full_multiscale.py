@@ -53,7 +53,7 @@ from mgtrain.hierarchy import Hierarchy, HierarchyError, levels_for_stage
 from mgtrain.mge import mge_value_and_grad, mge_value_and_grad_by_mesh
 from mgtrain.sampling import draw_levels
 from mgtrain.step_cache import cached_call
-from mgtrain.transform import multiscale
+from mgtrain.transform import multiscale, same_shapes
 
 STRATEGIES = ("single", "multiscale", "full-multiscale")
 
@@ -200,8 +200,8 @@ def fresh_state(params, seed: int, tx: optax.GradientTransformation,
                      key=f"mgtrain.fresh_state seed={seed} level={level} {cache_key}")
 
 
-_SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState,
-                    optax.InjectStatefulHyperparamsState)
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, *_INJECT_STATES)
 
 
 def carry_inner_state(previous, fresh):
@@ -229,9 +229,7 @@ def carry_inner_state(previous, fresh):
   >>> int(new[0].count), int(new[1].count)   # Adam's count goes on, the schedule's restarts
   (4, 0)
   """
-  if jax.tree.structure(previous) != jax.tree.structure(fresh) or any(
-      jnp.shape(a) != jnp.shape(b)
-      for a, b in zip(jax.tree.leaves(previous), jax.tree.leaves(fresh))):
+  if not same_shapes(previous, fresh):
     return fresh
   return _restart_schedules(previous, fresh)
 
@@ -243,7 +241,7 @@ def _restart_schedules(previous, fresh):
   def restart(p, f):
     if isinstance(p, optax.ScaleByScheduleState):
       return f
-    if isinstance(p, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+    if isinstance(p, _INJECT_STATES):
       return f._replace(inner_state=_restart_schedules(p.inner_state, f.inner_state))
     return p
 

@@ -96,13 +96,22 @@ def stack_levels(level_updates: Any | Sequence[Any], num_levels: int):
   return level_updates
 
 
+def same_shapes(a, b) -> bool:
+  """Whether pytrees ``a`` and ``b`` have the same structure and leaf shapes
+  (static shapes, so this costs nothing inside ``jit``).
+
+  >>> same_shapes({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}), same_shapes({"w": jnp.ones(3)}, {"w": jnp.ones(2)})
+  (True, False)
+  """
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      jnp.shape(x) == jnp.shape(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def _check_shapes(updates, reference, what: str, hint: str) -> None:
-  """Raises ``ValueError`` unless ``updates`` has ``reference``'s tree and
-  leaf shapes (static shapes, so this costs nothing inside ``jit``)."""
-  got = jax.tree.map(jnp.shape, updates)
-  want = jax.tree.map(jnp.shape, reference)
-  if jax.tree.structure(updates) != jax.tree.structure(reference) or got != want:
-    raise ValueError(f"{what}: expected leaves of shapes {want}, got {got}; {hint}")
+  """Raises ``ValueError`` unless :func:`same_shapes` ``(updates, reference)``."""
+  if not same_shapes(updates, reference):
+    raise ValueError(f"{what}: expected leaves of shapes {jax.tree.map(jnp.shape, reference)}, "
+                     f"got {jax.tree.map(jnp.shape, updates)}; {hint}")
 
 
 def _sq_norm_per_level(stacked) -> jax.Array:
@@ -191,4 +200,4 @@ def multiscale(inner: optax.GradientTransformation, num_levels: int,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["multiscale", "MultiscaleState", "stack_levels"]
+__all__ = ["multiscale", "MultiscaleState", "stack_levels", "same_shapes"]
