@@ -22,6 +22,12 @@ def _outputs(nb, output_type):
           if o.get("output_type") == output_type]
 
 
+def _stored_stream_text(name):
+  """Everything the stored notebook ``name`` printed, as one string."""
+  nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+  return "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+
+
 def test_there_are_notebooks():
   assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
 
@@ -46,8 +52,7 @@ def test_walkthrough_prints_the_papers_work_units():
   """The stored walkthrough shows Table 2's #WU, which mgtrain.workunits gives."""
   from mgtrain import workunits
 
-  nb = nbformat.read(NOTEBOOK_DIR / "mge_walkthrough.ipynb", as_version=4)
-  text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+  text = _stored_stream_text("mge_walkthrough.ipynb")
   expected = (f"single-scale {workunits.single_scale_closed_form(16, 2000)} | multiscale "
               f"{workunits.multiscale_closed_form(16, 2000)} | full-multiscale "
               f"{workunits.full_multiscale_closed_form(16, 2000)}")
@@ -59,8 +64,7 @@ def test_full_multiscale_notebook_prints_eq_47():
   """The stored Full-Multiscale notebook's schedule costs what Eq. (47) says."""
   from mgtrain import workunits
 
-  nb = nbformat.read(NOTEBOOK_DIR / "full_multiscale.ipynb", as_version=4)
-  text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+  text = _stored_stream_text("full_multiscale.ipynb")
   closed = float(workunits.full_multiscale_closed_form(16, 2000))
   assert f"total {closed:,.0f} #WU; Eq. (47): 115/128 N0 I = {closed:,.0f}" in text
   assert "total 28,750 #WU" in text
