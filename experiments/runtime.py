@@ -336,15 +336,24 @@ def stop_on_signal():
 
 
 def enable_compilation_cache(path: str | os.PathLike | None) -> None:
-  """Turns on JAX's persistent compilation cache at ``path`` (None: off).
+  """Turns on JAX's persistent compilation cache at ``path`` (None or '': off).
 
   Capped at :func:`cache_max_bytes` (JAX deletes the least recently used
   entries) where the ``filelock`` package is installed, which JAX's eviction
   needs (torch brings it); without it the cache is not capped.
+
+  Off means off: a process started with ``JAX_COMPILATION_CACHE_DIR`` in its
+  environment would otherwise read and write that cache, so a CLI's
+  ``--compile-cache ''`` would not give the cold compile its help promises
+  (the benchmark's compile times would be loads). Call it before the
+  process's first compile: JAX decides once per process whether it uses a
+  cache.
   """
-  if not path:
-    return
   import jax
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  jax.config.update("jax_enable_compilation_cache", True)
   Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.fspath(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -141,3 +141,23 @@ def test_cache_limit_from_the_environment():
   assert cache.max_bytes == runtime.cache_max_bytes()
   assert cache.source_packages == ("mgtrain", "experiments")
   assert runtime.step_cache("") is None
+
+
+
+@pytest.mark.parametrize("off", [True, False])
+def test_compile_cache_off_means_off_even_with_jax_cache_dir_set(tmp_path, off):
+  """``--compile-cache ''`` is a cold compile even where the environment names
+  a JAX cache (JAX_COMPILATION_CACHE_DIR): nothing is written to it. Without
+  the call, the same program lands in that cache, as JAX does."""
+  import subprocess
+  import sys
+  cache = tmp_path / "env_cache"
+  code = ("from experiments import runtime; "
+          + ("runtime.enable_compilation_cache(''); " if off else "")
+          + "import jax; jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()")
+  env = _clean_env(JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                 cwd=Path(__file__).resolve().parents[1])
+  entries = list(cache.glob("*")) if cache.exists() else []
+  assert bool(entries) != off
