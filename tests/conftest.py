@@ -110,13 +110,20 @@ def tiny_denoising_problem(size=16, levels=2, base_batch=1, subsample="coarsen")
   return h, params, pool, sample_fn, mse_loss_fn(model)
 
 
+_CACHE_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                   "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
+
+
 @pytest.fixture(autouse=True)
-def _compilation_cache_switch_restored():
-  """A CLI's ``main`` run in-process with ``--compile-cache ''`` turns JAX's
-  cache off for the process; the next test gets the suite's cache back."""
-  enabled = jax.config.jax_enable_compilation_cache
+def _compilation_cache_settings_restored():
+  """A CLI's ``main`` run in-process sets JAX's cache for the whole process
+  (``--compile-cache ''`` turns it off); the next test gets the suite's back."""
+  before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
   yield
-  jax.config.update("jax_enable_compilation_cache", enabled)
+  for name, value in before.items():
+    if getattr(jax.config, name) != value:
+      jax.config.update(name, value)
 
 
 @pytest.fixture
