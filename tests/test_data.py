@@ -347,3 +347,23 @@ def test_fixed_denoise_set_is_deterministic():
 
 def test_task_registry():
   assert tasks.TASKS['denoise'] is tasks.denoise
+
+
+def test_extract_patches_scales_integer_images_and_refuses_floats_on_another_scale():
+  """A uint8 photograph (skimage.io.imread's) gives the same patches as its
+  floats in [0, 1]; the same values as floats in [0, 255], or in the model
+  range, are refused instead of giving patches on the wrong scale."""
+  rng = np.random.default_rng(2)
+  image8 = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  unit = image8.astype(np.float32) / 255
+  np.testing.assert_allclose(patches_lib.extract_patches([image8], 8, 6, seed=0),
+                             patches_lib.extract_patches([unit], 8, 6, seed=0), rtol=1e-6)
+  image16 = image8.astype(np.uint16) * 257   # the same picture, 16 bits
+  np.testing.assert_allclose(patches_lib.extract_patches([image16], 8, 6, seed=0),
+                             patches_lib.extract_patches([unit], 8, 6, seed=0), rtol=1e-6)
+  for bad in (image8.astype(np.float32), patches_lib.to_model_range(unit)):
+    with pytest.raises(ValueError, match=r'Image 1 has values in .*\[0, 1\]'):
+      patches_lib.extract_patches([unit, bad], 8, 6, seed=0)
+  # Rounding just past 1 (a resize) is clipped, not refused.
+  out = patches_lib.extract_patches([np.minimum(unit * 1.0005, 1.0005)], 8, 6, seed=0)
+  assert out.max() <= 1.0

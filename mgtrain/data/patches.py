@@ -46,6 +46,32 @@ def _upscale_if_small(image: np.ndarray, size: int, index: int) -> np.ndarray:
   return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+# Float images may overshoot [0, 1] by rounding (a resize, a colour
+# conversion); beyond this they are on another scale.
+_RANGE_SLACK = 1e-3
+
+
+def _unit_range_rgb(image, index: int) -> np.ndarray:
+  """``image`` as ``float32`` ``(H, W, 3)`` in ``[0, 1]``: integer and boolean
+  images scaled as :func:`mgtrain.data.sources.as_float_rgb` does, float
+  images checked, not rescaled."""
+  arr = np.asarray(image)
+  if arr.ndim != 3 or arr.shape[-1] != 3:
+    raise ValueError(
+        f'Image {index} must have shape (H, W, 3), got {arr.shape}.')
+  if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
+    from mgtrain.data.sources import as_float_rgb  # pylint: disable=g-import-not-at-top
+    return as_float_rgb(arr)
+  arr = arr.astype(np.float32)
+  lo, hi = float(arr.min()), float(arr.max())
+  if not (lo >= -_RANGE_SLACK and hi <= 1 + _RANGE_SLACK):
+    raise ValueError(
+        f'Image {index} has values in [{lo:.4g}, {hi:.4g}]; extract_patches takes '
+        'float images in [0, 1] (an 8-bit image as floats: divide by 255, or pass '
+        'the uint8 array, which is scaled).')
+  return np.clip(arr, 0.0, 1.0)
+
+
 def extract_patches(
     images: Sequence[np.ndarray],
     size: int,
@@ -68,11 +94,18 @@ def extract_patches(
   (aspect ratio kept, ``skimage.transform.resize``) with a warning; their
   area after upscaling is used in step 1.
 
+  Integer images (what ``skimage.io.imread`` gives) are scaled to ``[0, 1]``
+  by their type's maximum, as :func:`mgtrain.data.sources.as_float_rgb`
+  does: a ``uint8`` image by 255. Float images must already be in
+  ``[0, 1]``; one on another scale (``[0, 255]`` floats, the model range
+  ``[-1, 1]``) is refused, since its patches would silently train on the
+  wrong range.
+
   The result depends only on the inputs and ``seed`` (numpy ``Generator``).
 
   Args:
-    images: sequence of arrays of shape ``(H_i, W_i, 3)`` with values in
-      ``[0, 1]`` (sizes may differ).
+    images: sequence of arrays of shape ``(H_i, W_i, 3)``: floats in
+      ``[0, 1]``, or integers (sizes may differ).
     size: side of the square patches, ``> 0``.
     count: number of patches, ``> 0``.
     seed: seed of ``np.random.default_rng``.
@@ -82,8 +115,8 @@ def extract_patches(
     ``[0, 1]`` if the images are.
 
   Raises:
-    ValueError: ``size <= 0``, ``count <= 0``, no images, or an image that
-      is not ``(H, W, 3)``.
+    ValueError: ``size <= 0``, ``count <= 0``, no images, an image that
+      is not ``(H, W, 3)``, or a float image with values outside ``[0, 1]``.
 
   Example:
     >>> import numpy as np
@@ -107,13 +140,8 @@ def extract_patches(
     raise ValueError('extract_patches needs at least one image, got none.')
   size, count = int(size), int(count)
 
-  prepared = []
-  for i, image in enumerate(images):
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-      raise ValueError(
-          f'Image {i} must have shape (H, W, 3), got {arr.shape}.')
-    prepared.append(_upscale_if_small(arr, size, i))
+  prepared = [_upscale_if_small(_unit_range_rgb(image, i), size, i)
+              for i, image in enumerate(images)]
 
   areas = np.array([im.shape[0] * im.shape[1] for im in prepared],
                    dtype=np.float64)
