@@ -3,7 +3,8 @@
 The notebooks carry their own behavioural checks (``mge_walkthrough``
 asserts that the telescoping sum on equal samples is the fine gradient), so
 a cell that raises fails the test. The kernel inherits this process's
-environment, hence ``tests/conftest.py``'s ``XLA_FLAGS``.
+environment, hence ``tests/conftest.py``'s ``XLA_FLAGS`` and
+``MGTRAIN_NOTEBOOK_QUICK=1``, under which the training loops take fewer steps.
 """
 
 from pathlib import Path
@@ -33,7 +34,10 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+  # The notebooks' training loops take fewer steps under this variable (the
+  # same code, every cell and check); the stored outputs are full runs.
+  monkeypatch.setenv("MGTRAIN_NOTEBOOK_QUICK", "1")
   nb = nbformat.read(path, as_version=4)
   for cell in nb.cells:
     if cell.cell_type == "code":
