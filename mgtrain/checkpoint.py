@@ -62,17 +62,22 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores ``(state, history)``; ``abstract_state`` gives the structure."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      history=ocp.args.JsonRestore()))
+    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                             history=ocp.args.JsonRestore())
     return restored["state"], restored["history"]
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """The state saved under ``step`` alone, for a caller that has read the
+    history already (:meth:`restore_history`)."""
+    return self._restore(step, state=ocp.args.StandardRestore(abstract_state))["state"]
 
   def restore_history(self, step: int) -> dict:
     """The history saved under ``step`` alone, without the state: what a
     resuming run checks before it builds the state's structure."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(history=ocp.args.JsonRestore()))
-    return restored["history"]
+    return self._restore(step, history=ocp.args.JsonRestore())["history"]
+
+  def _restore(self, step: int, **items):
+    return self._manager.restore(step, args=ocp.args.Composite(**items))
 
   def close(self):
     self._manager.wait_until_finished()

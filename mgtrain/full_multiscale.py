@@ -457,7 +457,8 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
 
   if checkpointer is not None and checkpointer.latest_step() is not None:
     step = checkpointer.latest_step()
-    saved = checkpointer.restore_history(step).get("schedule")
+    saved_history = checkpointer.restore_history(step)
+    saved = saved_history.get("schedule")
     # Checkpoints from before the schedule was recorded cannot be checked.
     if saved is not None and saved != history["schedule"]:
       raise ValueError(
@@ -472,7 +473,7 @@ def train(*, params, stages: Sequence[Stage], hierarchy: Hierarchy, loss_fn: Cal
           "use a fresh workdir for a different schedule")
     abstract = jax.eval_shape(
         lambda p: init_state(p, seed, optimizers[s].init(p), stages[s].mesh_level), params)
-    state, history = checkpointer.restore(step, abstract)
+    state, history = checkpointer.restore_state(step, abstract), saved_history
 
   start = int(state.step)
 
