@@ -41,6 +41,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
+_CACHE_DIR = None
 if os.environ.get("MGTRAIN_TEST_COMPILATION_CACHE", "1") != "0":
   # One directory per pytest process: xdist's workers would otherwise write
   # the same entries at once, and JAX writes a cache file in place.
@@ -55,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-if os.environ.get("MGTRAIN_TEST_COMPILATION_CACHE", "1") != "0":
+if _CACHE_DIR is not None:
   # JAX reads its environment when it is imported; a plugin may have been first.
   jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
