@@ -64,7 +64,7 @@ def test_symbol_is_eq_21_on_a_single_fourier_mode():
 @pytest.mark.parametrize("pairwise", [False, True])
 def test_low_frequency_response_is_mesh_independent(pairwise):
   layer = MeshFreeConv(4, length_scale=1 / 8, pairwise=pairwise)
-  params = layer.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2)))
+  params = init_params(layer, jax.random.key(0), jnp.zeros((1, 32, 32, 2)))
   samples = []
   for n in (32, 64, 128, 256):
     yy, xx = np.meshgrid(np.arange(n) / n, np.arange(n) / n, indexing="ij")
@@ -116,7 +116,7 @@ def test_ellipticity_holds_for_any_raw_parameters():
 def test_gradients_match_finite_differences():
   layer = MeshFreeConv(3, length_scale=1 / 6, padding=0.125)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 2))
-  params = layer.init(jax.random.key(2), x)
+  params = init_params(layer, jax.random.key(2), x)
 
   @jax.jit
   def loss(p):
@@ -231,11 +231,12 @@ def test_zero_padding_removes_wraparound():
 def test_pairwise_with_identity_channels_equals_depthwise():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   raw = meshfree.init_raw(jax.random.key(1), (3,), width=1.0)
-  depthwise = heat_filter(x, raw, length_scale=0.1)
+  depthwise = jax.jit(lambda x, raw: heat_filter(x, raw, length_scale=0.1))(x, raw)
   big = jnp.full((3, 3, 7), 0.0).at[:, :, 0].set(-50.0)   # tau ~ 0 ...
   big = big.at[:, :, 4].set(0.0)                          # ... and g = 0 off the diagonal
   big = big.at[jnp.arange(3), jnp.arange(3)].set(raw)
-  pairwise = heat_filter(x, big, length_scale=0.1, pairwise=True)
+  pairwise = jax.jit(lambda x, raw: heat_filter(x, raw, length_scale=0.1, pairwise=True))(
+      x, big)
   np.testing.assert_allclose(np.asarray(pairwise), np.asarray(depthwise), atol=1e-5)
 
 
@@ -266,15 +267,14 @@ def test_lemma_4_mfc_reproduces_a_3x3_conv_on_a_fixed_mesh():
 
   raw = _basis_raw(np.geomspace(0.01, 2.0, 6), np.linspace(0, np.pi, 4, endpoint=False), (1, 3))
   delta = jnp.zeros((1, n, n, 1)).at[0, n // 2, n // 2, 0].set(1.0)
-  responses = heat_filter(jnp.broadcast_to(delta, (1, n, n, raw.shape[0])), raw,
-                          length_scale=1 / n)
+  mfc = jax.jit(lambda u, raw: heat_filter(u, raw, length_scale=1 / n))
+  responses = mfc(jnp.broadcast_to(delta, (1, n, n, raw.shape[0])), raw)
   basis = np.asarray(responses, np.float64)[0].reshape(n * n, -1)
   target = np.asarray(conv3x3(delta), np.float64).ravel()
   weights, *_ = np.linalg.lstsq(basis, target, rcond=None)
 
   u = jax.random.normal(jax.random.key(5), (4, n, n, 1))
-  mfc_out = jnp.einsum("bhwc,c->bhw", heat_filter(jnp.broadcast_to(u, (4, n, n, raw.shape[0])),
-                                                  raw, length_scale=1 / n),
+  mfc_out = jnp.einsum("bhwc,c->bhw", mfc(jnp.broadcast_to(u, (4, n, n, raw.shape[0])), raw),
                        jnp.asarray(weights, jnp.float32))
   ref = conv3x3(u)[..., 0]
   residual = float(jnp.sum((mfc_out - ref) ** 2) / jnp.sum(ref ** 2))
@@ -365,13 +365,13 @@ def test_mesh_free_conv_keeps_the_dense_channel_map_parameters():
       return heat_filter(v, raw, length_scale=1.0 / 16)
 
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  want = DenseThenFilter().init(jax.random.key(1), x)
-  got = MeshFreeConv(5).init(jax.random.key(1), x)
+  want = init_params(DenseThenFilter(), jax.random.key(1), x)
+  got = init_params(MeshFreeConv(5), jax.random.key(1), x)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(g, w)
-  np.testing.assert_allclose(MeshFreeConv(5).apply(got, x), DenseThenFilter().apply(want, x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(MeshFreeConv(5).apply)(got, x),
+                             jax.jit(DenseThenFilter().apply)(want, x), rtol=1e-5, atol=1e-6)
 
 
 def test_fft_chunking_rules():
@@ -409,7 +409,8 @@ def test_layer_reports_the_fft_chunking_its_filter_runs(layer, shape, dtype, mon
   chunking that ``heat_filter`` picks inside ``apply``, for per-channel and
   pairwise filters, with padding, and with a compute dtype of its own."""
   x = jnp.ones(shape, dtype)
-  params = layer.init(jax.random.key(0), x)
+  # Shapes only: the chunking is chosen when apply is traced.
+  params = jax.eval_shape(layer.init, jax.random.key(0), x)
   used = []
   plain = meshfree.heat_filter_chunking
 
@@ -418,7 +419,7 @@ def test_layer_reports_the_fft_chunking_its_filter_runs(layer, shape, dtype, mon
     return used[-1]
 
   monkeypatch.setattr(meshfree, "heat_filter_chunking", spy)
-  layer.apply(params, x)
+  jax.eval_shape(layer.apply, params, x)
   monkeypatch.setattr(meshfree, "heat_filter_chunking", plain)
   assert len(used) == 1
   assert layer.fft_chunking(shape, dtype) == used[0]

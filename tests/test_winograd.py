@@ -30,7 +30,8 @@ def test_matches_the_direct_convolution_on_any_mesh(shape):
   kx, kw = jax.random.split(jax.random.key(shape[1] * 31 + shape[2]))
   x = jax.random.normal(kx, shape)
   w = jax.random.normal(kw, (3, 3, shape[-1], 7))
-  y = winograd.winograd_conv3x3(x, w)
+  # Jitted, as the models call it; the float64 test below runs it eagerly.
+  y = jax.jit(winograd.winograd_conv3x3)(x, w)
   assert y.shape == shape[:3] + (7,)
   assert relative_error(y, direct(x, w, precision="highest")) < 5e-5
 
@@ -47,8 +48,8 @@ def test_gradients_match_the_direct_convolution(shape):
   def loss(conv):
     return lambda x, w: jnp.sum((conv(x, w) - target) ** 2)
 
-  got = jax.grad(loss(winograd.winograd_conv3x3), argnums=(0, 1))(x, w)
-  want = jax.grad(loss(direct), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(loss(winograd.winograd_conv3x3), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(direct), argnums=(0, 1)))(x, w)
   for g, r in zip(got, want):
     assert relative_error(g, r) < 5e-5
 
@@ -95,12 +96,13 @@ def test_models_have_the_same_parameters_and_outputs_either_way(model_cls, optio
   t = jnp.full((4,), 0.3)
   models = {a: model_cls(conv=get_conv("standard", algorithm=a), **options)
             for a in ("direct", "winograd")}
-  params = {a: m.init(jax.random.key(1), u[:1], t[:1]) for a, m in models.items()}
+  params = {a: jax.jit(m.init)(jax.random.key(1), u[:1], t[:1]) for a, m in models.items()}
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                    params["direct"], params["winograd"]))
   # Non-trivial weights everywhere (some layers start at zero).
-  p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape),
-                   params["direct"])
+  p = jax.jit(lambda params: jax.tree.map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), params))(
+          params["direct"])
 
   @functools.partial(jax.jit, static_argnums=1)
   def output_and_gradient(p, algorithm):
