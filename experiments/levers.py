@@ -95,10 +95,10 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   """
   if sampling not in SAMPLING:
     raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
-  if level_parallel_step and (mode != "terms" or single_batch or split_step or sequential
-                              or options):
+  conflicts = level_parallel_conflicts([mode], single_batch, split_step, sequential, options)
+  if level_parallel_step and conflicts:
     raise ValueError("a level-parallel step runs the MGE terms (mode 'terms') as separate "
-                     "programs: no single batch, split step, sequential passes or XLA options")
+                     f"programs; it cannot take: {', '.join(conflicts)}")
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
   model = _bench_model(model_name, dtype, conv_algorithm)
   h = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
@@ -120,6 +120,26 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
           "sampling": sampling, "level_parallel": level_parallel_step,
           "chunk_pixels": chunk_pixels, "single_batch": single_batch,
           "compute_dtype": dtype, "conv_algorithm": conv_algorithm, **info}, step
+
+
+def level_parallel_conflicts(modes, single_batch, split_step: bool, sequential: bool,
+                             options) -> list[str]:
+  """What a level-parallel step cannot run with, named as ``levers``' options
+  (empty: nothing). It runs the MGE terms (mode ``terms``) as separate
+  programs, so there is no single batch, split step, sequential passes or
+  XLA option to apply. ``options``: any XLA options (a dict, or a list of
+  them, ``[{}]`` meaning none).
+
+  >>> level_parallel_conflicts(["terms"], None, False, False, {})
+  []
+  >>> level_parallel_conflicts(["by-mesh"], None, True, False, [{}])
+  ['--mge other than terms', '--split-step on']
+  """
+  named = {"--mge other than terms": any(m != "terms" for m in modes),
+           "--single-batch": bool(single_batch), "--split-step on": split_step,
+           "--sequential on": sequential,
+           "--options": any(options) if isinstance(options, list) else bool(options)}
+  return [name for name, conflict in named.items() if conflict]
 
 
 def level_parallel_variant(stage: fm.Stage, hierarchy: Hierarchy, loss_fn, params, pool,
@@ -246,10 +266,12 @@ def main(argv=None) -> list[dict]:
     check_model_hierarchy("--model / --sizes / --levels / --base-batch", [args.model], levels,
                           size, base_batch)
   if "on" in args.level_parallel:
-    if args.single_batch or args.mge != ["terms"] or "on" in args.split_step \
-        or "on" in args.sequential or args.options != [{}]:
+    conflicts = level_parallel_conflicts(args.mge, args.single_batch, "on" in args.split_step,
+                                         "on" in args.sequential, args.options)
+    if conflicts:
       p.error("--level-parallel on runs the MGE terms as separate programs: it needs --mge "
-              "terms, and no --single-batch, --split-step on, --sequential on or --options")
+              "terms, and no --single-batch, --split-step on, --sequential on or --options "
+              f"(given: {', '.join(conflicts)})")
     if len(jax.devices()) < levels:
       p.error(f"--level-parallel on needs at least one device per level ({levels}); found "
               f"{len(jax.devices())}. On CPU, run with "

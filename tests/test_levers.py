@@ -77,11 +77,28 @@ def test_smoke_levers_level_parallel_on_two_fake_devices(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mge", "by-mesh", "--level-parallel", "on"], "needs --mge terms"),
-    (["--mge", "terms", "--level-parallel", "on", "--split-step", "on"], "needs --mge terms"),
+    (["--mge", "by-mesh", "--level-parallel", "on"], "(given: --mge other than terms)"),
+    (["--mge", "terms", "--level-parallel", "on", "--split-step", "on"],
+     "(given: --split-step on)"),
+    (["--mge", "terms", "--level-parallel", "on", "--options", '{"a": 1}', "--sequential",
+      "off", "on"], "(given: --sequential on, --options)"),
     (["--mge", "terms", "--level-parallel", "on"], "at least one device per level"),
 ])
 def test_level_parallel_refuses_what_it_cannot_run(tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit):
     levers.main(["--config", "smoke", *argv, "--workdir", str(tmp_path)])
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, given", [
+    (dict(mode="by-mesh"), "--mge other than terms"),
+    (dict(mode="single", single_batch=3), "--mge other than terms, --single-batch"),
+    (dict(split_step=True, sequential=True), "--split-step on, --sequential on"),
+    (dict(options={"xla_cpu_use_onednn": False}), "--options"),
+])
+def test_compile_variant_refuses_a_level_parallel_step_it_cannot_run(kwargs, given):
+  """The library call refuses what the CLI refuses, before anything compiles."""
+  args = dict(model_name="resnet", size=16, levels=2, base_batch=1, mode="terms", options={},
+              level_parallel_step=True)
+  with pytest.raises(ValueError, match=f"cannot take: {given}$"):
+    levers.compile_variant(**{**args, **kwargs})
