@@ -95,8 +95,8 @@ def compile_variant(model_name: str, size: int, levels: int, base_batch: int, mo
   """
   if sampling not in SAMPLING:
     raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
-  conflicts = level_parallel_conflicts([mode], single_batch, split_step, sequential, options)
-  if level_parallel_step and conflicts:
+  if level_parallel_step and (conflicts := level_parallel_conflicts(
+      [mode], single_batch, split_step, sequential, options)):
     raise ValueError("a level-parallel step runs the MGE terms (mode 'terms') as separate "
                      f"programs; it cannot take: {', '.join(conflicts)}")
   conv_algorithm = resolve_conv_algorithm(conv_algorithm)
@@ -126,9 +126,9 @@ def level_parallel_conflicts(modes, single_batch, split_step: bool, sequential: 
                              options) -> list[str]:
   """What a level-parallel step cannot run with, named as ``levers``' options
   (empty: nothing). It runs the MGE terms (mode ``terms``) as separate
-  programs, so there is no single batch, split step, sequential passes or
-  XLA option to apply. ``options``: any XLA options (a dict, or a list of
-  them, ``[{}]`` meaning none).
+  programs, one per device group, which take no single batch, split step,
+  sequential passes or XLA options. ``options``: a dict of XLA options, or
+  a list of them (``[{}]``: none).
 
   >>> level_parallel_conflicts(["terms"], None, False, False, {})
   []
