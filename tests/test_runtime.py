@@ -143,7 +143,6 @@ def test_cache_limit_from_the_environment():
   assert runtime.step_cache("") is None
 
 
-
 @pytest.mark.parametrize("off", [True, False])
 def test_compile_cache_off_means_off_even_with_jax_cache_dir_set(tmp_path, off):
   """``--compile-cache ''`` is a cold compile even where the environment names

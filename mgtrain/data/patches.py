@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mgtrain.data.sources import as_float_rgb
+
 __all__ = ['extract_patches', 'to_model_range', 'from_model_range']
 
 
@@ -60,7 +62,6 @@ def _unit_range_rgb(image, index: int) -> np.ndarray:
     raise ValueError(
         f'Image {index} must have shape (H, W, 3), got {arr.shape}.')
   if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
-    from mgtrain.data.sources import as_float_rgb  # pylint: disable=g-import-not-at-top
     return as_float_rgb(arr)
   arr = arr.astype(np.float32)
   lo, hi = float(arr.min()), float(arr.max())
