@@ -759,6 +759,9 @@ def bench_loss_eval(config: BenchConfig, model_name: str, chunk_pixels: int,
     key = jax.random.key(size)
     params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
 
+    # One program per batch size: run op by op, the sampler compiled each of
+    # its ops for each size (5 s of the smoke run's 26 s).
+    @functools.partial(jax.jit, static_argnums=1)
     def batch_of(k, n):
       pool = jax.random.uniform(k, (n, size, size, 3), minval=-1, maxval=1)
       return sample_denoise_batch(pool, jax.random.fold_in(k, 1), n)
@@ -858,8 +861,8 @@ def bench_pipeline(denoise_config: str, model: str, data_dir: str | None, steps:
   out["train_loop_steps_per_second"] = steps / sum(history["train_seconds"])
 
   # Fixed, already degraded batches: the step minus all data work.
-  staged = {str(n): sample_denoise_batch(data.pool, jax.random.key(n), n)
-            for n in stage.batch_sizes}
+  sample = jax.jit(sample_denoise_batch, static_argnums=2)
+  staged = {str(n): sample(data.pool, jax.random.key(n), n) for n in stage.batch_sizes}
   progress("  pipeline: pre-staged batches ...")
   tx = multiscale(optax.adam(1e-4), len(stage.levels), level_terms=not fuse_meshes)
   step = jax.jit(fm.make_stage_step(stage, h, loss_fn, lambda d, key, n: d[str(n)], tx,
