@@ -56,10 +56,15 @@
 #   bash experiments/device_checks.sh 1
 # Here, in seconds, to check the plumbing (the tests do this):
 #   CONFIG=smoke DEVICE=cpu OUT=/tmp/dc bash experiments/device_checks.sh 1
+# and, to list what a part would run on the GPU without running anything (the
+# tests parse every command it lists with its module's own parser):
+#   DRY_RUN=1 OUT=/tmp/dc bash experiments/device_checks.sh 3
 #
 # Environment: OUT (results), CONFIG (gpu | smoke; default gpu), DEVICE
 # (passed to the benchmark's --device; default: what JAX finds), BUDGET_S
-# (seconds for the whole part; default 540), WORK (scratch folder).
+# (seconds for the whole part; default 540), WORK (scratch folder), DRY_RUN
+# (non-empty: write each section's limit and command, shell-quoted, to
+# summary.md, and run nothing).
 set -uo pipefail
 
 part="${1:-1}"
@@ -76,16 +81,19 @@ case "$CONFIG" in
   *) echo "CONFIG must be gpu or smoke, not '$CONFIG'" >&2; exit 2 ;;
 esac
 OUT="${OUT:-runs/device_checks}"
-WORK="${WORK:-$(mktemp -d /tmp/mgtrain_device_checks.XXXXXX)}"
+dry_run="${DRY_RUN:-}"
+# A dry run names a scratch folder without making it.
+WORK="${WORK:-$(mktemp -d ${dry_run:+-u} /tmp/mgtrain_device_checks.XXXXXX)}"
 BUDGET_S="${BUDGET_S:-540}"
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT"
+[ -n "$dry_run" ] || mkdir -p "$WORK"
 log="$OUT/log.txt"
 summary="$OUT/summary.md"
 : >"$log"
-echo "# mgtrain device checks, part $part, config $CONFIG ($(date -u +%FT%TZ))" >"$summary"
+echo "# mgtrain device checks, part $part, config $CONFIG${dry_run:+, dry run} ($(date -u +%FT%TZ))" >"$summary"
 
 # Carried wheels (dm-pix is not on the GPU machine), as the device README does it.
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -z "$dry_run" ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed" | tee -a "$log"; exit 1; }
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -96,7 +104,7 @@ export PYTHONUNBUFFERED=1
 device_args=()
 [ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
 
-{
+[ -n "$dry_run" ] || {
   command -v nvidia-smi >/dev/null && nvidia-smi -L
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } >>"$log" 2>&1
@@ -115,6 +123,11 @@ section() {
   (( limit > left )) && limit=$left
   if (( limit < 20 )); then
     echo "## $name: skipped, ${left}s of the budget left" | tee -a "$log" >>"$summary"
+    return
+  fi
+  if [ -n "$dry_run" ]; then
+    printf '\n## %s (dry run, limit %ss)\n\n`%s--workdir %q`\n' "$name" "$limit" \
+      "$(printf '%q ' "$@")" "$WORK/$name" >>"$summary"
     return
   fi
   echo "== $name (limit ${limit}s): $*" >>"$log"
@@ -180,16 +193,21 @@ elif [ "$part" = 3 ]; then
     --mge by-mesh --split-step
   section levers_split 30 levers.md "${levers[@]}" "${unet_lever[@]}" \
     --mge by-mesh --split-step off on "${repeats[@]}"
-  section first_step_cold_autotune1 17 benchmark.md \
+  # Smoke mode leaves out the sections that differ from one above only by a
+  # setting the CPU ignores (an XLA flag or option only the GPU compiler
+  # reads, a CUDA PRNG kernel) or by a platform the CPU already is: on CPU
+  # each would compile the same program again. tests/test_device_checks.py
+  # parses their commands from a dry run instead, and the benchmark's and the
+  # levers' own tests run --init-platform and --options.
+  [ "$CONFIG" = smoke ] || section first_step_cold_autotune1 17 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_autotune_level=1" "${cold[@]}"
-  # Two GPU-only flags, left out in smoke mode: on CPU each would be the
-  # default cold run again, and autotune1 already checks that a flag set
-  # through `env` reaches its process.
   [ "$CONFIG" = smoke ] || section first_step_cold_threefry_kernel 17 benchmark.md \
     env JAX_THREEFRY_GPU_KERNEL_LOWERING=true "${cold[@]}"
-  section first_step_cold_init_on_cpu 17 benchmark.md "${cold[@]}" --init-platform cpu
-  section levers_autotune 70 levers.md "${levers[@]}" "${unet_lever[@]}" --mge by-mesh \
-    --options '{}' '{"xla_gpu_autotune_level": 1}' "${repeats[@]}"
+  [ "$CONFIG" = smoke ] || section first_step_cold_init_on_cpu 17 benchmark.md \
+    "${cold[@]}" --init-platform cpu
+  [ "$CONFIG" = smoke ] || section levers_autotune 70 levers.md "${levers[@]}" \
+    "${unet_lever[@]}" --mge by-mesh --options '{}' '{"xla_gpu_autotune_level": 1}' \
+    "${repeats[@]}"
   [ "$CONFIG" = smoke ] || section first_step_cold_parallel16 100 benchmark.md \
     env XLA_FLAGS="$flags --xla_gpu_force_compilation_parallelism=16" "${cold[@]}"
   # In smoke mode this would repeat part 2's bfloat16 lever exactly.
@@ -217,6 +235,10 @@ else
   section full_multiscale_compile_ahead_on 100 summary.md "${fm[@]}" --compile-ahead on
 fi
 
+if [ -n "$dry_run" ]; then
+  echo "part $part: dry run, nothing ran; commands in $summary" | tee -a "$log"
+  exit 0
+fi
 # Compiled programs stay behind: the UNet's are tens of MB, and a file that
 # comes back from the device machine may hold 16 MiB at most.
 tar czf "$OUT/results.tar.gz" --exclude='*_cache' --exclude=./site -C "$WORK" . 2>>"$log"

@@ -220,7 +220,12 @@ def levers_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line of ``python -m experiments.levers``, checked before anything compiles.
+
+  ``--sizes``, ``--levels`` and ``--base-batch`` come back resolved from
+  ``--config`` when not given. Exits with a message on a bad command line.
+  """
   p = argparse.ArgumentParser(prog="python -m experiments.levers", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", choices=("default", "smoke"), default="default",
@@ -259,12 +264,12 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--workdir", default="runs/levers")
   args = p.parse_args(argv)
   smoke = args.config == "smoke"
-  sizes = args.sizes or ([16] if smoke else [64])
-  levels = args.levels or (2 if smoke else 4)
-  base_batch = args.base_batch or (1 if smoke else 16)
-  for size in sizes:
+  args.sizes = args.sizes or ([16] if smoke else [64])
+  args.levels = levels = args.levels or (2 if smoke else 4)
+  args.base_batch = args.base_batch or (1 if smoke else 16)
+  for size in args.sizes:
     check_model_hierarchy("--model / --sizes / --levels / --base-batch", [args.model], levels,
-                          size, base_batch)
+                          size, args.base_batch)
   if "on" in args.level_parallel:
     conflicts = level_parallel_conflicts(args.mge, args.single_batch, "on" in args.split_step,
                                          "on" in args.sequential, args.options)
@@ -276,6 +281,12 @@ def main(argv=None) -> list[dict]:
       p.error(f"--level-parallel on needs at least one device per level ({levels}); found "
               f"{len(jax.devices())}. On CPU, run with "
               f"XLA_FLAGS=--xla_force_host_platform_device_count={levels} (or more)")
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  sizes, levels, base_batch = args.sizes, args.levels, args.base_batch
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []

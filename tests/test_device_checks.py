@@ -5,9 +5,13 @@ test_device_checks_profiles.py and test_device_checks_training.py, so that pytes
 ``--dist loadfile`` can give them to another worker.
 """
 
+import re
+import shlex
 import tarfile
 
 import pytest
+
+from experiments import benchmark, denoise, levers, profile_step
 
 
 def test_part_2_writes_summary_log_and_results(tmp_path, run_device_checks):
@@ -48,3 +52,67 @@ def test_bad_arguments_are_refused(run_device_checks, args, env, message):
   proc = run_device_checks(*args, **env)
   assert proc.returncode == 2
   assert message in proc.stderr
+
+
+# Every section of each part on the GPU, in order: smoke mode runs only some.
+GPU_SECTIONS = {
+    "1": ("resnet_steps", "mfc", "first_step", "unet_steps_64"),
+    "2": ("unet_steps_128", "levers_sequential", "levers_bfloat16"),
+    "3": ("first_step_cold_default", "first_step_split", "levers_split",
+          "first_step_cold_autotune1", "first_step_cold_threefry_kernel",
+          "first_step_cold_init_on_cpu", "levers_autotune", "first_step_cold_parallel16",
+          "levers_bfloat16_256"),
+    "4": ("profile_resnet_mge", "profile_resnet_b16", "profile_resnet_mge_no_command_buffers",
+          "profile_mfc_layer", "profile_conv3x3_layer", "profile_unet_mge",
+          "levers_unet_bfloat16"),
+    "5": ("full_multiscale_compile_ahead_off", "full_multiscale_compile_ahead_on"),
+}
+PARSERS = {"experiments.benchmark": benchmark.parse_args, "experiments.levers": levers.parse_args,
+           "experiments.profile_step": profile_step.parse_args,
+           "experiments.denoise": denoise.parse_args}
+
+
+@pytest.mark.parametrize("part", sorted(GPU_SECTIONS))
+def test_dry_run_lists_every_gpu_section_and_its_module_parses_each_command(
+    tmp_path, run_device_checks, part):
+  proc = run_device_checks(part, DRY_RUN="1", CONFIG="gpu", DEVICE="",
+                           XLA_FLAGS="--xla_inherited", BUDGET_S="540")
+  assert proc.returncode == 0, proc.stderr
+  out = tmp_path / "out"
+  # Nothing ran: no results, no scratch folder.
+  assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.md"]
+  assert not (tmp_path / "work").exists()
+  sections = re.findall(r"^## (\S+) \(dry run, limit (\d+)s\)\n\n`(.+)`$",
+                        (out / "summary.md").read_text(), re.MULTILINE)
+  assert tuple(name for name, _, _ in sections) == GPU_SECTIONS[part]
+  parsed = {}
+  for name, limit, command in sections:
+    assert 20 <= int(limit) <= 540
+    words = shlex.split(command)
+    env = {}
+    if words[0] == "env":
+      words.pop(0)
+      while "=" in words[0]:
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words[:2] == ["python3", "-m"], command
+    args = PARSERS[words[2]](words[3:])
+    assert args.workdir == str(tmp_path / "work" / name)
+    # The GPU's own flags go after the caller's XLA_FLAGS.
+    flags = env.get("XLA_FLAGS", "--xla_inherited").split()
+    assert flags[0] == "--xla_inherited" and all(f.startswith("--xla_gpu_") for f in flags[1:])
+    parsed[name] = args, env
+  if part == "1":
+    args, _ = parsed["resnet_steps"]
+    assert args.config == "gpu" and args.sizes == [64, 128, 256] and args.repeats == 10
+  elif part == "3":
+    assert parsed["levers_autotune"][0].options == [{}, {"xla_gpu_autotune_level": 1}]
+    assert parsed["first_step_cold_init_on_cpu"][0].init_platform == "cpu"
+    assert parsed["first_step_cold_threefry_kernel"][1] == {
+        "JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"}
+    assert parsed["levers_bfloat16_256"][0].compute_dtype == ["float32", "bfloat16"]
+  elif part == "4":
+    assert parsed["profile_unet_mge"][0].config == "paper"
+    assert parsed["levers_unet_bfloat16"][0].sizes == [128]
+  elif part == "5":
+    assert parsed["full_multiscale_compile_ahead_on"][0].config == "cpu4"
