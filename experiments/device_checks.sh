@@ -188,7 +188,9 @@ elif [ "$part" = 2 ]; then
 elif [ "$part" = 3 ]; then
   cold=("${bench[@]}" --sections first-step --first-step-runs cold)
   flags="${XLA_FLAGS:-}"
-  section first_step_cold_default 17 benchmark.md "${cold[@]}"
+  # In smoke mode tests/test_benchmark.py runs this same command (and its
+  # warm runs) already.
+  [ "$CONFIG" = smoke ] || section first_step_cold_default 17 benchmark.md "${cold[@]}"
   section first_step_split 25 benchmark.md "${bench[@]}" --sections first-step \
     --mge by-mesh --split-step
   section levers_split 30 levers.md "${levers[@]}" "${unet_lever[@]}" \
