@@ -72,10 +72,11 @@ PARSERS = {"experiments.benchmark": benchmark.parse_args, "experiments.levers": 
            "experiments.denoise": denoise.parse_args}
 
 
-@pytest.mark.parametrize("part", sorted(GPU_SECTIONS))
+@pytest.mark.parametrize("part, device", [(part, "") for part in sorted(GPU_SECTIONS)]
+                         + [("1", "gpu"), ("4", "gpu")])
 def test_dry_run_lists_every_gpu_section_and_its_module_parses_each_command(
-    tmp_path, run_device_checks, part):
-  proc = run_device_checks(part, DRY_RUN="1", CONFIG="gpu", DEVICE="",
+    tmp_path, run_device_checks, part, device):
+  proc = run_device_checks(part, DRY_RUN="1", CONFIG="gpu", DEVICE=device,
                            XLA_FLAGS="--xla_inherited", BUDGET_S="540")
   assert proc.returncode == 0, proc.stderr
   out = tmp_path / "out"
@@ -98,6 +99,8 @@ def test_dry_run_lists_every_gpu_section_and_its_module_parses_each_command(
     assert words[:2] == ["python3", "-m"], command
     args = PARSERS[words[2]](words[3:])
     assert args.workdir == str(tmp_path / "work" / name)
+    if words[2] in ("experiments.benchmark", "experiments.profile_step"):
+      assert args.device == (device or None)     # DEVICE, else what JAX finds
     # The GPU's own flags go after the caller's XLA_FLAGS.
     flags = env.get("XLA_FLAGS", "--xla_inherited").split()
     assert flags[0] == "--xla_inherited" and all(f.startswith("--xla_gpu_") for f in flags[1:])
