@@ -45,9 +45,9 @@ import jax.numpy as jnp
 
 from experiments.benchmark import BENCH_LAYERS, BENCH_MODELS, _bench_model, \
     check_model_hierarchy, layer_problem, stage_program
-from experiments.cli import positive_int
-from experiments.denoise import COMPUTE_DTYPES, add_conv_algorithm_argument, \
-    add_sequential_argument, make_loss_fn, resolve_sequential
+from experiments.cli import nonnegative_int, positive_int
+from experiments.denoise import COMPUTE_DTYPES, CPU_CHUNK_RULE, add_conv_algorithm_argument, \
+    add_sequential_argument, make_loss_fn, resolve_chunk_pixels, resolve_sequential
 from mgtrain import full_multiscale as fm
 from mgtrain import profiling
 from mgtrain.hierarchy import Hierarchy
@@ -84,14 +84,14 @@ def _layer_program(layer_name: str, channels: int, size: int, batch: int):
 
 def _step_program(model_name: str, step: str, size: int, levels: int, base_batch: int,
                   dtype: str = "float32", sequential: bool = False,
-                  conv_algorithm: str = "auto"):
+                  conv_algorithm: str = "auto", chunk_pixels: int | None = None):
   model = _bench_model(model_name, dtype, conv_algorithm)
   hierarchy = Hierarchy(levels=levels, size=size, base_batch=base_batch, restriction="nearest")
   params = init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)))
   pool = jax.random.uniform(jax.random.key(1), (64, size, size, 3), minval=-1, maxval=1)
   stage = (fm.Stage((0,), (base_batch,), 1) if step == "single"
            else fm.multiscale_schedule(hierarchy, 1)[0])
-  jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params, None,
+  jitted, state = stage_program(stage, hierarchy, make_loss_fn(model), params, chunk_pixels,
                                 fuse_meshes=step == "mge-by-mesh", sequential=sequential)
   compiled = jitted.lower(state, pool).compile()
   holder = {"state": state}
@@ -117,6 +117,10 @@ def parse_args(argv=None):
   add_conv_algorithm_argument(p)
   p.add_argument("--size", type=positive_int, default=None,
                  help="finest mesh (step) or image side (layer)")
+  p.add_argument("--chunk-pixels", type=nonnegative_int, default=None,
+                 help="step: samples x pixels per chunk of a pass, as in experiments.benchmark "
+                      f"(default on CPU, by the finest mesh: {CPU_CHUNK_RULE}; off on GPU; "
+                      "0 = off)")
   p.add_argument("--levels", type=positive_int, default=None)
   p.add_argument("--base-batch", type=positive_int, default=None)
   p.add_argument("--channels", type=positive_int, default=None, help="layer channels")
@@ -147,14 +151,18 @@ def main(argv=None) -> dict:
             "base_batch": args.base_batch or cfg.base_batch, "compute_dtype": args.compute_dtype,
             "sequential": resolve_sequential(args.sequential),
             "conv_algorithm": resolve_conv_algorithm(args.conv_algorithm)}
+    what["chunk_pixels"] = resolve_chunk_pixels(args.chunk_pixels, jax.default_backend(),
+                                                what["size"])
     check_model_hierarchy("--model / --size / --levels / --base-batch", [what["model"]],
                           what["levels"], what["size"], what["base_batch"])
     compiled, run = _step_program(what["model"], what["step"], what["size"], what["levels"],
                                   what["base_batch"], args.compute_dtype, what["sequential"],
-                                  what["conv_algorithm"])
+                                  what["conv_algorithm"], what["chunk_pixels"])
+    chunks = (f"chunks of {what['chunk_pixels']} px" if what["chunk_pixels"]
+              else "passes whole")
     title = (f"{what['model']} {what['step']} train step at {what['size']}^2 "
              f"(N0 = {what['base_batch']}, {what['levels']} levels, {args.compute_dtype}, "
-             f"{what['conv_algorithm']} convs)")
+             f"{what['conv_algorithm']} convs, {chunks})")
   print(f"profiling {title} on {jax.devices()[0]} ...", file=sys.stderr, flush=True)
   prof = profiling.profile(compiled, calls=calls, run=run)
   out = {"config": args.config, **what, "backend": jax.default_backend(),
