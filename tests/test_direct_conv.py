@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mgtrain.nn.conv_dispatch import Conv3x3Dispatch
-from mgtrain.nn.direct_conv import direct_conv, kernel_gradient, kernel_gradients_as_forward_convs
+from mgtrain.nn.direct_conv import direct_conv, input_gradient, kernel_gradient, \
+    kernel_gradients_as_forward_convs
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -82,6 +83,38 @@ def test_kernel_gradient_is_the_sum_over_shifted_windows(x_shape, w_shape, strid
       want[ky, kx] = np.einsum("nhwi,nhwo->io", window, np.asarray(dy, np.float64))
   got = kernel_gradient(x, dy, (kh, kw), strides, tuple(padding))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES + [
+    ((2, 16, 16, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),  # even sides, as in the UNet
+    ((1, 11, 10, 2), (4, 2, 2, 3), (3, 2), ((2, 1), (0, 3))),
+    ((1, 9, 9, 2), (1, 1, 2, 3), (2, 2), "VALID"),             # fewer taps than phases
+    ((1, 12, 13, 2), (3, 3, 2, 2), (3, 3), ((-1, 2), (1, -2))),
+    ((2, 7, 8, 3), (5, 5, 3, 2), (2, 1), "SAME"),
+])
+def test_input_gradient_by_phases_is_the_transpose(x_shape, w_shape, strides, padding):
+  """input_gradient(dy) = the VJP of lax's convolution in its input, for any
+  strides (those of a stride-1 conv included), kernel, mesh and padding."""
+  x, w = _operands(x_shape, w_shape)
+  conv = lambda x: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+  y, vjp = jax.vjp(conv, x)
+  dy = jax.random.normal(jax.random.key(3), y.shape)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
+  got = input_gradient(dy, w, x_shape[1:3], strides, tuple(padding))
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_strided_input_gradient_in_a_loop_body_is_by_phases():
+  """Inside the context a strided conv's input gradient has no input-dilated
+  convolution (the form XLA's CPU compiler runs slowly in a loop body)."""
+  x, w = _operands(*CASES[1][:2])
+  dilated = lambda jaxpr: "lhs_dilation=(2, 2)" in jaxpr
+  grad = lambda conv: str(jax.make_jaxpr(jax.grad(_loss(conv, *CASES[1][2:])))(x, w))
+  assert dilated(grad(jax.lax.conv_general_dilated))
+  with kernel_gradients_as_forward_convs():
+    assert not dilated(grad(direct_conv))
 
 
 def test_gradient_inside_a_rolled_loop_matches_lax():

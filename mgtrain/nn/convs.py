@@ -72,8 +72,8 @@ def dispatched_conv_kwargs(algorithm: str = "auto") -> dict:
   A model's 1x1 maps and strided convs are ``nn.Conv`` layers of their own.
   Where ``algorithm`` resolves to ``'winograd'`` (``'auto'``: on CPU) they
   go through :class:`mgtrain.nn.conv_dispatch.Conv3x3Dispatch` too, which
-  computes them directly with a kernel gradient that stays fast inside a
-  loop body (:mod:`mgtrain.nn.direct_conv`); elsewhere they are Flax's
+  computes them directly with kernel and input gradients that stay fast
+  inside a loop body (:mod:`mgtrain.nn.direct_conv`); elsewhere they are Flax's
   default. The parameters are the same either way.
 
   >>> sorted(dispatched_conv_kwargs("winograd")), dispatched_conv_kwargs("direct")

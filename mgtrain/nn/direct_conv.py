@@ -13,7 +13,17 @@ samples ``n`` as the channels being contracted, and ``dy`` as a kernel of
 ``lax.conv_general_dilated`` with a custom VJP that computes it in exactly
 that form, ``conv(x~ as (I, H, W, N), dy as (H_out, W_out, N, O))`` in
 NHWC / HWIO, and transposes the ``(I, kh, kw, O)`` result to HWIO. The
-input gradient is JAX's own (an input-dilated convolution).
+input gradient of a stride-1 convolution is JAX's own (a convolution with
+the flipped kernel). JAX writes that of a strided one as a convolution of
+``dy`` dilated by the strides, which mostly multiplies zeros;
+:func:`input_gradient` splits it by output phase instead ("sub-pixel"):
+per axis, with ``i = s m + p`` and ``lo`` the low padding,
+
+  dL/dx[n, s m + p, ...] = sum_{a = s d + p + lo, 0 <= a < k} dy[n, m - d, ...] w[a, ...]^T
+
+a stride-1 convolution of ``dy`` with a ``ceil(k / s)``-tap kernel for each
+of the ``s_h s_w`` phases. All phases are one convolution with ``s_h s_w I``
+output channels, interleaved into the mesh afterwards (depth to space).
 
 Why: JAX's own transpose rule emits the kernel gradient as a convolution
 with unusual dimension numbers, which XLA's CPU compiler rewrites into the
@@ -30,6 +40,13 @@ process, interleaved rounds), and compiled in 17 s instead of 44 s. The
 values are the same: XLA computes both forms with the same convolution.
 That is what lets :func:`mgtrain.mge.sum_over_chunks` roll its chunks
 (``docs/benchmark_cpu.md``, 2026-12-05, sixth session).
+
+A strided input gradient has the same trouble in a loop body: the UNet's
+128^2 -> 64^2 downsampling (32 channels) took 180.6 ms for 16 one-image
+chunks as a ``fori_loop`` against 17.5 ms unrolled, and 11.1 ms in the loop
+by phases (12 chunks of 4 x 64^2: 129.4 ms against 8.5 ms by phases; one
+process, 2026-12-07). So under :func:`kernel_gradients_as_forward_convs`
+the input gradient of a strided convolution is :func:`input_gradient`.
 
 Outside loops XLA's own form is as fast or faster: there the ResNet's steps
 ran within 1-2% either way, and the UNet's MGE step, with many small direct
@@ -68,6 +85,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -137,6 +155,69 @@ def kernel_gradient(x, dy, kernel_size, window_strides, padding, precision=None)
   return jnp.transpose(out, (1, 2, 0, 3))   # (I, kh, kw, O) -> (kh, kw, I, O)
 
 
+def _phase_taps(size: int, kernel: int, stride: int, lo: int, out_size: int):
+  """One axis of :func:`input_gradient`: which kernel tap each phase takes.
+
+  Returns ``(taps, pad_lo, pad_hi, phase_len)``: ``taps[p][t]`` is the
+  kernel index ``a`` that phase ``p`` applies at offset ``t`` of the padded
+  ``dy`` (``-1``: none); ``dy`` padded by ``(pad_lo, pad_hi)`` (negative
+  crops) gives ``phase_len = ceil(size / stride)`` outputs per phase.
+  """
+  phase_len = -(-size // stride)
+  offsets = [(a - p - lo) // stride for p in range(stride) for a in range(kernel)
+             if (a - p - lo) % stride == 0]
+  d_min, d_max = min(offsets), max(offsets)
+  taps = [[stride * (d_max - t) + p + lo for t in range(d_max - d_min + 1)]
+          for p in range(stride)]
+  taps = [[a if 0 <= a < kernel else -1 for a in row] for row in taps]
+  return taps, d_max, (phase_len - 1 - d_min) - (out_size - 1), phase_len
+
+
+def input_gradient(dy, w, input_size, window_strides, padding, precision=None):
+  """``dL/dx`` of an NHWC convolution, by output phases (the module docstring).
+
+  Args:
+    dy: ``(N, H_out, W_out, O)`` the cotangent of the convolution's output.
+    w: ``(kh, kw, I, O)`` its kernel (HWIO).
+    input_size: ``(H, W)`` of its input.
+    window_strides: ``(s_h, s_w)``.
+    padding: explicit ``((lo_h, hi_h), (lo_w, hi_w))`` (negative crops).
+    precision: passed to the convolution.
+
+  Returns:
+    ``(N, H, W, I)``, what ``jax.vjp`` of ``lax.conv_general_dilated`` gives,
+    from one stride-1 convolution of ``dy`` into ``s_h s_w I`` channels and a
+    depth-to-space interleave.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x, w, dy = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4)), jnp.ones((1, 4, 4, 4))
+    >>> conv = lambda x: jax.lax.conv_general_dilated(
+    ...     x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> bool(jnp.allclose(input_gradient(dy, w, (8, 8), (2, 2), ((1, 1), (1, 1))),
+    ...                   jax.vjp(conv, x)[1](dy)[0]))
+    True
+  """
+  (kh, kw, ci, co), (sh, sw) = w.shape, window_strides
+  n, ho, wo, _ = dy.shape
+  (h, wd), ((lo_h, _), (lo_w, _)) = input_size, padding
+  taps_h, lo_pad_h, hi_pad_h, mh = _phase_taps(h, kh, sh, lo_h, ho)
+  taps_w, lo_pad_w, hi_pad_w, mw = _phase_taps(wd, kw, sw, lo_w, wo)
+  # A zero tap at index k stands for "none", so one gather builds every phase's kernel.
+  wz = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  index_h = np.where(np.asarray(taps_h) < 0, kh, taps_h)          # (s_h, T_h)
+  index_w = np.where(np.asarray(taps_w) < 0, kw, taps_w)          # (s_w, T_w)
+  k = wz[index_h[:, :, None, None], index_w[None, None, :, :]]    # (s_h, T_h, s_w, T_w, I, O)
+  k = jnp.transpose(k, (1, 3, 5, 0, 2, 4)).reshape(index_h.shape[1], index_w.shape[1], co,
+                                                   sh * sw * ci)
+  dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype),
+                    ((0, 0, 0), (lo_pad_h, hi_pad_h, 0), (lo_pad_w, hi_pad_w, 0), (0, 0, 0)))
+  out = jax.lax.conv_general_dilated(dyp, k.astype(dy.dtype), (1, 1), "VALID",
+                                     dimension_numbers=_NHWC, precision=precision)
+  out = out.reshape(n, mh, mw, sh, sw, ci).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(n, mh * sh, mw * sw, ci)[:, :h, :wd]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _plain_conv(lhs, rhs, window_strides, padding, precision):
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
@@ -149,12 +230,16 @@ def _plain_conv_fwd(lhs, rhs, window_strides, padding, precision):
 
 def _plain_conv_bwd(window_strides, padding, precision, residuals, dy):
   lhs, rhs = residuals
-  _, input_vjp = jax.vjp(
-      lambda x: jax.lax.conv_general_dilated(x, rhs, window_strides, padding,
-                                             dimension_numbers=_NHWC, precision=precision),
-      lhs)
+  if window_strides == (1, 1):
+    _, input_vjp = jax.vjp(
+        lambda x: jax.lax.conv_general_dilated(x, rhs, window_strides, padding,
+                                               dimension_numbers=_NHWC, precision=precision),
+        lhs)
+    dx = input_vjp(dy)[0]
+  else:
+    dx = input_gradient(dy, rhs, lhs.shape[1:3], window_strides, padding, precision)
   dw = kernel_gradient(lhs, dy, rhs.shape[:2], window_strides, padding, precision)
-  return input_vjp(dy)[0], dw.astype(rhs.dtype)
+  return dx.astype(lhs.dtype), dw.astype(rhs.dtype)
 
 
 _plain_conv.defvjp(_plain_conv_fwd, _plain_conv_bwd)
@@ -178,4 +263,4 @@ def direct_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                      _explicit_padding(lhs.shape, rhs.shape, window_strides, padding), precision)
 
 
-__all__ = ["direct_conv", "kernel_gradient", "kernel_gradients_as_forward_convs"]
+__all__ = ["direct_conv", "input_gradient", "kernel_gradient", "kernel_gradients_as_forward_convs"]
