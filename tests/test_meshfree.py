@@ -147,7 +147,7 @@ def _plain_filter(v, raw, pad, pairwise):
 
 
 def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chunk_bytes=None,
-                                 channels=3, channels_first=False):
+                                 channels=3, channels_first=False, pack_images=None):
   """:func:`heat_filter` (or, with ``channels_first``, :func:`heat_filter_channels_first`
   between transposes) against :func:`_plain_filter`: values and both gradients."""
   c_in, c_out = channels, (4 if pairwise else channels)
@@ -160,10 +160,10 @@ def _check_against_plain_formula(height, width, pad, pairwise, batch=2, fft_chun
   if channels_first:
     mine = lambda v, raw: meshfree.heat_filter_channels_first(   # noqa: E731
         v.transpose(3, 0, 1, 2), raw, length_scale=0.2, pad=pad,
-        fft_chunk_bytes=fft_chunk_bytes).transpose(1, 2, 3, 0)
+        fft_chunk_bytes=fft_chunk_bytes, pack_images=pack_images).transpose(1, 2, 3, 0)
   else:
     mine = lambda v, raw: heat_filter(v, raw, length_scale=0.2, pad=pad, pairwise=pairwise,   # noqa: E731
-                                      fft_chunk_bytes=fft_chunk_bytes)
+                                      fft_chunk_bytes=fft_chunk_bytes, pack_images=pack_images)
   with jax.enable_x64(True):
     raw = meshfree.init_raw(jax.random.key(0), shape[:-1], jnp.float64)
     v = jax.random.normal(jax.random.key(1), (batch, height, width, c_in), jnp.float64)
@@ -212,6 +212,92 @@ def test_chunked_ffts_match_the_plain_formula(height, width, pad, pairwise, chun
         chunk != "two whole channels")
   _check_against_plain_formula(height, width, pad, pairwise, batch=4, fft_chunk_bytes=chunk_bytes,
                                channels=3 if pairwise else c)
+
+
+def _fft_types(f, *args):
+  """The ``fft_type`` of every FFT in ``f``'s jaxpr, loop bodies included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "fft":
+        found.append(jax.lax.FftType(eqn.params["fft_type"]))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(f)(*args).jaxpr)
+  return set(found)
+
+
+@pytest.mark.parametrize("height,width,pad,batch,chunk_bytes", [
+    (16, 16, 0, 2, 0), (15, 13, 0, 4, 0), (12, 10, 3, 6, 0),
+    (12, 10, 3, 4, 2 * 8 * 7 * 16), (9, 11, 2, 4, 2 * 4 * 13 * 8 * 16)])
+@pytest.mark.parametrize("pack_images", [True, False])
+def test_images_packed_two_to_a_complex_transform_match_the_plain_formula(
+    height, width, pad, batch, chunk_bytes, pack_images):
+  """Two images per complex FFT (``pack_images``) or one per real FFT, the
+  filter's values and both gradients are the plain formula's: even and odd
+  meshes, padding, unchunked and in chunks of two images or of two whole
+  channels (the images pair up within a chunk)."""
+  _check_against_plain_formula(height, width, pad, False, batch=batch, channels=4,
+                               fft_chunk_bytes=chunk_bytes, pack_images=pack_images)
+
+
+def test_packing_runs_complex_transforms_only_where_images_pair_up():
+  raw = meshfree.init_raw(jax.random.key(0), (3,))
+  complex_types = {jax.lax.FftType.FFT, jax.lax.FftType.IFFT}
+  real_types = {jax.lax.FftType.RFFT, jax.lax.FftType.IRFFT}
+
+  def types(batch, **kwargs):
+    v = jnp.ones((batch, 8, 8, 3))
+    return _fft_types(jax.grad(lambda v: jnp.sum(heat_filter(v, raw, **kwargs) ** 2)), v)
+
+  assert types(4, pack_images=True) == complex_types
+  assert types(4, pack_images=False) == real_types
+  assert types(3, pack_images=True) == real_types                        # odd batch
+  assert types(4, pack_images=True, fft_chunk_bytes=1) == real_types     # one image a chunk
+  plane = 8 * 5 * 8
+  assert types(4, pack_images=True, fft_chunk_bytes=2 * plane) == complex_types
+  # On CPU, packing is the default.
+  assert types(4) == complex_types
+  pairwise_raw = meshfree.init_raw(jax.random.key(0), (3, 3))
+  assert _fft_types(lambda v: heat_filter(v, pairwise_raw, pairwise=True, pack_images=True),
+                    jnp.ones((4, 8, 8, 3))) == real_types
+  assert meshfree.packs_images(16) and not meshfree.packs_images(16, pack_images=False)
+  assert not meshfree.packs_images(16, pairwise=True, pack_images=True)
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 6), (6, 9)])
+def test_hermitian_extension_and_folding_against_full_spectra(height, width):
+  """The full-grid symbol is the spectrum of a real kernel, and folding a
+  packed pair's ``fft2(a + i b) conj(fft2(c + i d))`` gives
+  ``rfft2(a) conj(rfft2(c)) + rfft2(b) conj(rfft2(d))``, both checked
+  against numpy's FFTs."""
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((height, width))
+  a, b, c, d = rng.standard_normal((4, height, width))
+  packed = np.fft.fft2(a + 1j * b) * np.conj(np.fft.fft2(c + 1j * d))
+  want = (np.fft.rfft2(a) * np.conj(np.fft.rfft2(c)) + np.fft.rfft2(b) * np.conj(np.fft.rfft2(d)))
+  with jax.enable_x64(True):
+    extended = meshfree._hermitian_extension(jnp.asarray(np.fft.rfft2(kernel)), width)
+    folded = meshfree._fold_to_rfft_grid(jnp.asarray(packed), width)
+  np.testing.assert_allclose(extended, np.fft.fft2(kernel), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(folded, want, rtol=1e-12, atol=1e-12)
+
+
+def test_mesh_free_conv_packed_or_not_gives_the_same_output_and_gradient():
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  plain = MeshFreeConv(5, pack_images=False)
+  params = plain.init(jax.random.key(1), x)
+  packed = MeshFreeConv(5, pack_images=True)
+
+  def run(layer):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x)))))(params)
+
+  (want, want_grad), (got, got_grad) = run(plain), run(packed)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
 
 
 def test_zero_padding_removes_wraparound():

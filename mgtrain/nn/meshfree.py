@@ -196,8 +196,73 @@ def _reduce_to(p, shape):
   return jnp.sum(p, axis=axes, keepdims=True) if axes else p
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _spectral_filter(v, s_re, s_im, pairwise):
+# Two real images in one complex FFT. A per-channel filter is the same real
+# operator on every image of a channel, so it can run on z = a + i b for
+# two images a, b of that channel: with a Hermitian symbol S (S(-k) =
+# conj(S(k)), true of every discrete symbol, see :func:`discrete_symbol`)
+# the operator's kernel is real, and ifft2(S fft2(a + i b)) = A a + i A b
+# exactly. Half as many transforms, each a complex one on the full grid:
+# the same arithmetic as rfft2/irfft2, but DUCC's complex transforms beat
+# XLA's real ones on CPU, the inverse most (irfft2 has a copy of its input
+# and a Hermitian fix-up of its own). Forward filter, 128 channels x 16
+# images of 128^2, one channel a chunk in a loop: 222-233 ms in real
+# transforms, 181-192 ms packed; 4 images of 256^2: 1,033-1,057 ms and 794
+# ms (docs/benchmark_cpu.md, 2026-12-07).
+
+
+def _pack_images(v):
+  """``(..., n, H, W)`` real -> ``(..., n/2, H, W)`` complex: images ``j`` and
+  ``n/2 + j`` as the real and imaginary parts of image ``j``."""
+  half = v.shape[-3] // 2
+  return jax.lax.complex(v[..., :half, :, :], v[..., half:, :, :])
+
+
+def _unpack_images(z):
+  """Inverse of :func:`_pack_images`."""
+  return jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-3)
+
+
+def _negate_frequencies(a, axes):
+  """``a`` at ``-k`` along ``axes`` (FFT order: index ``j`` -> ``-j mod n``)."""
+  return jnp.roll(jnp.flip(a, axes), (1,) * len(axes), axes)
+
+
+def _hermitian_extension(s, width: int):
+  """The symbol on the ``rfft2`` grid ``(..., H, width//2+1)`` -> the full
+  ``fft2`` grid ``(..., H, width)``, with ``S(-k) = conj(S(k))`` for the
+  columns the ``rfft2`` grid leaves out."""
+  missing = s[..., 1:width - width // 2]
+  return jnp.concatenate([s, jnp.conj(_negate_frequencies(missing, (-2,)))[..., ::-1]], axis=-1)
+
+
+def _fold_to_rfft_grid(p, width: int):
+  """``(P(k) + conj(P(-k))) / 2`` on the ``rfft2`` columns of a full-grid ``P``.
+
+  With ``P = sum_pairs fft2(a + i b) conj(fft2(g_a + i g_b))`` this is
+  ``sum_images V conj(G)`` of the images' real spectra, what the symbol's
+  gradient needs (:func:`_spectral_filter_bwd`): the cross terms
+  ``i (V_b conj(G_a) - V_a conj(G_b))`` are Hermitian and cancel.
+  """
+  both = (-2, -1)
+  return (0.5 * (p + jnp.conj(_negate_frequencies(p, both))))[..., :width // 2 + 1]
+
+
+def _transform_grid(s, width: int, packed: bool):
+  """The symbol on the grid the filter's transforms use."""
+  return _hermitian_extension(s, width) if packed else s
+
+
+def _forward(v, s, pairwise: bool, packed: bool):
+  """``(A v, spectrum)`` with ``s`` on the transform grid (:func:`_transform_grid`)."""
+  if packed:
+    spec = jnp.fft.fft2(_pack_images(v))
+    return _unpack_images(jnp.fft.ifft2(spec * s)), spec
+  spec = jnp.fft.rfft2(v)
+  return jnp.fft.irfft2(_apply_symbol(spec, s, pairwise), s=v.shape[-2:]), spec
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _spectral_filter(v, s_re, s_im, pairwise, packed=False):
   """``irfft2(S * rfft2(v))`` over the two minor axes of ``v``.
 
   Per channel, ``S = s_re + i s_im`` broadcasts against ``rfft2(v)``:
@@ -205,7 +270,9 @@ def _spectral_filter(v, s_re, s_im, pairwise):
   H, W)`` and ``S`` of shape ``(C, 1, H, W//2+1)``; NCHW images with ``S``
   of shape ``(C, H, W//2+1)`` work too. With ``pairwise``, ``v`` is NCHW
   ``(B, C_in, H, W)`` and ``S`` is ``(C_in, C_out, H, W//2+1)`` (``Y_o =
-  sum_i S_io V_i``).
+  sum_i S_io V_i``). With ``packed`` (per channel, an even number of images
+  ``B``), images ``j`` and ``B/2 + j`` share one complex transform (see
+  :func:`_pack_images`); the values are the same up to rounding.
   The backward pass is written out (:func:`_spectral_filter_bwd`) rather than
   left to JAX's transpose rules for ``rfft``/``irfft``, whose mask-and-scale
   fusions and extra copies cost time on CPU: the filter's forward+backward
@@ -213,17 +280,16 @@ def _spectral_filter(v, s_re, s_im, pairwise):
   one process) took 3.11 s with JAX's rules and 2.02 s with this one at
   256^2, and 0.67 s vs 0.57 s at 128^2.
   """
-  return _spectral_filter_fwd(v, s_re, s_im, pairwise)[0]
+  return _spectral_filter_fwd(v, s_re, s_im, pairwise, packed)[0]
 
 
-def _spectral_filter_fwd(v, s_re, s_im, pairwise):
-  spec = jnp.fft.rfft2(v)
+def _spectral_filter_fwd(v, s_re, s_im, pairwise, packed=False):
   s = jax.lax.complex(s_re, s_im)
-  out = jnp.fft.irfft2(_apply_symbol(spec, s, pairwise), s=v.shape[-2:])
+  out, spec = _forward(v, _transform_grid(s, v.shape[-1], packed), pairwise, packed)
   return out, (spec, s)
 
 
-def _spectral_filter_bwd(pairwise, residuals, g):
+def _spectral_filter_bwd(pairwise, packed, residuals, g):
   """Adjoint of the real operator ``A = irfft2 . diag(S) . rfft2``.
 
   ``A`` is a real circulant operator (the discrete symbol is Hermitian, see
@@ -232,17 +298,24 @@ def _spectral_filter_bwd(pairwise, residuals, g):
   symbol, ``L`` sees ``S`` through ``<g, irfft2(S V)> = (1/N) sum_k w_k
   Re(S_k V_k conj(G_k))`` over the ``rfft`` grid (``N = H W``, ``w_k`` from
   :func:`_rfft_column_weights`), so with ``P = (w/N) sum_b V conj(G)``:
-  ``dL/ds_re = Re P`` and ``dL/ds_im = -Im P``.
+  ``dL/ds_re = Re P`` and ``dL/ds_im = -Im P``. Packed, the same ``G`` and
+  ``P`` come from complex transforms of image pairs
+  (:func:`_fold_to_rfft_grid`).
   """
   spec, s = residuals
-  grad_v, p = _adjoint(spec, s, g, pairwise)
-  return (grad_v, *_symbol_gradient(p, g.shape[-2:]))
+  grad_v, p = _adjoint(spec, _transform_grid(s, g.shape[-1], packed), g, pairwise, packed)
+  return (grad_v, *_symbol_gradient(p, g.shape[-2:], packed))
 
 
-def _adjoint(spec, s, g, pairwise):
+def _adjoint(spec, s, g, pairwise, packed):
   """``(dL/dv, sum_b V conj(G))`` for the images of ``g``: the backward pass
-  of :func:`_spectral_filter_bwd` before ``P``'s weights."""
+  of :func:`_spectral_filter_bwd` before ``P``'s weights (packed: on the
+  full grid, before :func:`_fold_to_rfft_grid`)."""
   height, width = g.shape[-2:]
+  if packed:
+    grad_spec = jnp.fft.fft2(_pack_images(g))
+    grad_v = _unpack_images(jnp.fft.ifft2(grad_spec * jnp.conj(s)))
+    return grad_v, _reduce_to(spec * jnp.conj(grad_spec), s.shape)
   grad_spec = jnp.fft.rfft2(g)
   if pairwise:
     grad_v = jnp.fft.irfft2(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(s)),
@@ -252,9 +325,11 @@ def _adjoint(spec, s, g, pairwise):
   return grad_v, _reduce_to(spec * jnp.conj(grad_spec), s.shape)
 
 
-def _symbol_gradient(p, shape):
+def _symbol_gradient(p, shape, packed=False):
   """``(dL/ds_re, dL/ds_im)`` from the unweighted ``sum_b V conj(G)``."""
   height, width = shape
+  if packed:
+    p = _fold_to_rfft_grid(p, width)
   p = p * (_rfft_column_weights(width, jnp.finfo(p.dtype).dtype) / (height * width))
   return jnp.real(p), -jnp.imag(p)
 
@@ -399,8 +474,8 @@ def _put_chunk(carry, chunk, k, rows: bool):
   return jax.lax.dynamic_update_index_in_dim(carry, chunk, k, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_spectral_filter(v, s_re, s_im, pairwise, blocks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_spectral_filter(v, s_re, s_im, pairwise, blocks, packed=False):
   """:func:`_spectral_filter`, its FFTs run chunk by chunk in a loop.
 
   ``blocks = (block0, block1)``: each chunk's extent along the two leading
@@ -416,9 +491,10 @@ def _chunked_spectral_filter(v, s_re, s_im, pairwise, blocks):
   filling a new stacked output: at 128 channels, 256^2, batch 16, XLA's
   temporary memory for the layer's fwd+bwd fell from 2,740 to 2,305 MB.
   Same values as :func:`_spectral_filter` (the symbol gradient is summed
-  over the batch in another order).
+  over the batch in another order). ``packed`` as there, for chunks of an
+  even number of images: each chunk's images pair up within the chunk.
   """
-  return _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks)[0]
+  return _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks, packed)[0]
 
 
 def _symbol_block(s, k, per_block0, block0, pairwise):
@@ -430,17 +506,17 @@ def _symbol_block(s, k, per_block0, block0, pairwise):
   return block[0] if block0 == 1 else block
 
 
-def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks):
+def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks, packed=False):
   """:func:`_spectral_filter_fwd` on each chunk; the chunks' spectra are the residuals."""
   block0, block1 = blocks
   per_block0 = v.shape[1] // block1
+  s = jax.lax.complex(s_re, s_im)
+  s_grid = _transform_grid(s, v.shape[-1], packed)
 
   def one_chunk(_, args):
     k, chunk = args
-    out, (spec, _) = _spectral_filter_fwd(chunk,
-                                          _symbol_block(s_re, k, per_block0, block0, pairwise),
-                                          _symbol_block(s_im, k, per_block0, block0, pairwise),
-                                          pairwise)
+    out, spec = _forward(chunk, _symbol_block(s_grid, k, per_block0, block0, pairwise),
+                         pairwise, packed)
     return None, (out, spec)
 
   rows = not pairwise and _cuts_rows(v.shape, block0, block1)
@@ -455,14 +531,15 @@ def _chunked_spectral_filter_fwd(v, s_re, s_im, pairwise, blocks):
   else:
     out, spec = jax.lax.scan(in_place, _loop_carry(v, block0, block1),
                              jnp.arange(_num_chunks(v, block0, block1)))
-  return out.reshape(v.shape[0], -1, *out.shape[-2:]), (spec, jax.lax.complex(s_re, s_im))
+  return out.reshape(v.shape[0], -1, *out.shape[-2:]), (spec, s)
 
 
-def _chunked_spectral_filter_bwd(pairwise, blocks, residuals, g):
+def _chunked_spectral_filter_bwd(pairwise, blocks, packed, residuals, g):
   """:func:`_spectral_filter_bwd` chunk by chunk (:func:`_adjoint` on each);
   ``sum_b V conj(G)`` accumulates in the loop carry."""
   block0, block1 = blocks
   spec, s = residuals
+  s = _transform_grid(s, g.shape[-1], packed)
   # A pairwise chunk is whole images: all of g's (output) channels.
   block1 = g.shape[1] if pairwise else block1
   per_block0 = g.shape[1] // block1
@@ -470,7 +547,7 @@ def _chunked_spectral_filter_bwd(pairwise, blocks, residuals, g):
   def one_chunk(p, args):
     k, g_chunk, spec_chunk = args
     grad_v, p_chunk = _adjoint(spec_chunk, _symbol_block(s, k, per_block0, block0, pairwise),
-                               g_chunk, pairwise)
+                               g_chunk, pairwise, packed)
     if pairwise:
       return p + p_chunk, grad_v
     start = (k // per_block0) * block0
@@ -492,7 +569,8 @@ def _chunked_spectral_filter_bwd(pairwise, blocks, residuals, g):
   else:
     (grad_v, p), _ = jax.lax.scan(in_place, (_loop_carry(g, block0, block1), jnp.zeros_like(s)),
                                   jnp.arange(_num_chunks(g, block0, block1)))
-  return (grad_v.reshape(g.shape[0], -1, *grad_v.shape[-2:]), *_symbol_gradient(p, g.shape[-2:]))
+  return (grad_v.reshape(g.shape[0], -1, *grad_v.shape[-2:]),
+          *_symbol_gradient(p, g.shape[-2:], packed))
 
 
 _chunked_spectral_filter.defvjp(_chunked_spectral_filter_fwd, _chunked_spectral_filter_bwd)
@@ -540,7 +618,27 @@ def _check_filter_args(raw, channels, pad, pairwise):
                      f"input channels (expected {expected})")
 
 
-def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, fft_chunk_bytes):
+def packs_images(images: int, *, pairwise: bool = False, pack_images: bool | None = None) -> bool:
+  """Whether :func:`heat_filter` runs two images per complex transform.
+
+  ``images`` is the number of images per transform (per FFT chunk when
+  chunked, see :func:`heat_filter_chunking`). Only per-channel filters pack
+  (a pairwise filter mixes channels, and its images do not share a
+  symbol), only an even number of images, and with ``pack_images=None``
+  only on the CPU backend, where it was measured faster (see
+  :func:`_pack_images`); ``True`` or ``False`` overrides the backend.
+
+  Example:
+    >>> packs_images(16, pack_images=True), packs_images(3, pack_images=True)
+    (True, False)
+  """
+  if pack_images is None:
+    pack_images = jax.default_backend() == "cpu"
+  return bool(pack_images) and not pairwise and images % 2 == 0
+
+
+def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, fft_chunk_bytes,
+                       pack_images=None):
   """The filter on the two minor axes of ``x``: per channel ``(C, B, H, W)``,
   pairwise ``(B, C_in, H, W)``; returns the same layout in ``x``'s dtype.
 
@@ -562,19 +660,22 @@ def _filter_minor_axes(x, raw, *, length_scale, pad, pairwise, fft_chunk_bytes):
   s = jnp.moveaxis(s, (0, 1), (-2, -1))           # (C..., ph, pw // 2 + 1)
   if not pairwise:
     s = s[:, None]                                # the same over the images axis
+  packed = packs_images(batch if chunking is None else chunking[0], pairwise=pairwise,
+                        pack_images=pack_images)
   if chunking is None:
-    out = _spectral_filter(x, jnp.real(s), jnp.imag(s), pairwise)
+    out = _spectral_filter(x, jnp.real(s), jnp.imag(s), pairwise, packed)
   else:
     # (images, channels) per chunk, as extents along x's two leading axes.
     blocks = tuple(chunking) if pairwise else tuple(chunking[::-1])
-    out = _chunked_spectral_filter(x, jnp.real(s), jnp.imag(s), pairwise, blocks)
+    out = _chunked_spectral_filter(x, jnp.real(s), jnp.imag(s), pairwise, blocks, packed)
   if pad:
     out = out[:, :, pad:pad + height, pad:pad + width]
   return out.astype(dtype)
 
 
 def heat_filter_channels_first(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
-                               pad: int = 0, fft_chunk_bytes: int | None = None) -> jnp.ndarray:
+                               pad: int = 0, fft_chunk_bytes: int | None = None,
+                               pack_images: bool | None = None) -> jnp.ndarray:
   """The per-channel MFC filter on channels-first images ``(C, B, H, W)``.
 
   The layout the FFTs run in (XLA's FFT transforms minor axes), with every
@@ -594,12 +695,13 @@ def heat_filter_channels_first(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale
     raise ValueError(f"expected channels-first (C, B, H, W) images, got shape {v.shape}")
   _check_filter_args(raw, v.shape[0], pad, False)
   return _filter_minor_axes(v, raw, length_scale=length_scale, pad=pad, pairwise=False,
-                            fft_chunk_bytes=fft_chunk_bytes)
+                            fft_chunk_bytes=fft_chunk_bytes, pack_images=pack_images)
 
 
 def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
                 pad: int = 0, pairwise: bool = False,
-                fft_chunk_bytes: int | None = None) -> jnp.ndarray:
+                fft_chunk_bytes: int | None = None,
+                pack_images: bool | None = None) -> jnp.ndarray:
   """Applies the per-channel MFC filter to NHWC ``v`` through ``rfft2``.
 
   Args:
@@ -617,6 +719,9 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
       MiB on meshes from 128^2; off elsewhere). The result is the same. On
       CPU the layer's fwd+bwd at 128 channels, batch 16, ran 1.4x faster at
       256^2 and 1.8x at 128^2 (see ``CPU_FFT_CHUNK_BYTES``).
+    pack_images: per channel, run images two to a complex transform
+      (:func:`packs_images`: ``None`` packs on CPU, for an even number of
+      images per transform). The result is the same up to rounding.
 
   Returns:
     ``(B, H, W, C)`` (``C_out`` with ``pairwise``), same dtype as ``v``.
@@ -631,7 +736,7 @@ def heat_filter(v: jnp.ndarray, raw: jnp.ndarray, *, length_scale: float = 1.0,
   if not pairwise:
     out = heat_filter_channels_first(jnp.transpose(v, (3, 0, 1, 2)), raw,
                                      length_scale=length_scale, pad=pad,
-                                     fft_chunk_bytes=fft_chunk_bytes)
+                                     fft_chunk_bytes=fft_chunk_bytes, pack_images=pack_images)
     return jnp.transpose(out, (1, 2, 3, 0))
   _check_filter_args(raw, v.shape[-1], pad, True)
   out = _filter_minor_axes(jnp.moveaxis(v, -1, 1), raw, length_scale=length_scale, pad=pad,
@@ -749,6 +854,8 @@ class MeshFreeConv(nn.Module):
       input and params). The filter's FFTs always run in float32 at least.
     fft_chunk_bytes: see :func:`heat_filter` (``None``: on CPU, 2 MiB
       chunks of spectra over 64 MiB on meshes from 128^2; none elsewhere).
+    pack_images: see :func:`heat_filter` (``None``: two images to a
+      complex transform on CPU).
   """
 
   features: int
@@ -758,6 +865,7 @@ class MeshFreeConv(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   fft_chunk_bytes: int | None = None
+  pack_images: bool | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -782,7 +890,8 @@ class MeshFreeConv(nn.Module):
     v = _ChannelMap(self.features, self.use_bias, self.dtype, name="channel_map")(x)
     raw = self.param("symbol", init_raw, (self.features,))
     out = heat_filter_channels_first(v, raw, length_scale=self.length_scale, pad=pad,
-                                     fft_chunk_bytes=self.fft_chunk_bytes)
+                                     fft_chunk_bytes=self.fft_chunk_bytes,
+                                     pack_images=self.pack_images)
     return jnp.transpose(out, (1, 2, 3, 0))
 
   def padding_pixels(self, height: int, width: int) -> int:
