@@ -265,6 +265,13 @@ def test_packing_runs_complex_transforms_only_where_images_pair_up():
                     jnp.ones((4, 8, 8, 3))) == real_types
   assert meshfree.packs_images(16) and not meshfree.packs_images(16, pack_images=False)
   assert not meshfree.packs_images(16, pairwise=True, pack_images=True)
+  # What the layer reports (the benchmark's table) is what its filter runs.
+  x = jnp.ones((4, 8, 8, 3))
+  for layer in (MeshFreeConv(3), MeshFreeConv(3, pack_images=False),
+                MeshFreeConv(3, fft_chunk_bytes=1), MeshFreeConv(3, pairwise=True)):
+    params = layer.init(jax.random.key(0), x)
+    ran = _fft_types(lambda v: layer.apply(params, v), x)
+    assert layer.packs_images(x.shape) == (ran == {jax.lax.FftType.FFT, jax.lax.FftType.IFFT})
 
 
 @pytest.mark.parametrize("height,width", [(8, 8), (7, 6), (6, 9)])
