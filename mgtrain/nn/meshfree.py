@@ -253,13 +253,20 @@ def _transform_grid(s, width: int, packed: bool):
   return _hermitian_extension(s, width) if packed else s
 
 
+def _transform(v, packed: bool):
+  """The filter's forward transform: ``rfft2``, or ``fft2`` of packed image pairs."""
+  return jnp.fft.fft2(_pack_images(v)) if packed else jnp.fft.rfft2(v)
+
+
+def _inverse(spec, shape, packed: bool):
+  """Inverse of :func:`_transform` onto real images of ``shape = (H, W)``."""
+  return _unpack_images(jnp.fft.ifft2(spec)) if packed else jnp.fft.irfft2(spec, s=shape)
+
+
 def _forward(v, s, pairwise: bool, packed: bool):
   """``(A v, spectrum)`` with ``s`` on the transform grid (:func:`_transform_grid`)."""
-  if packed:
-    spec = jnp.fft.fft2(_pack_images(v))
-    return _unpack_images(jnp.fft.ifft2(spec * s)), spec
-  spec = jnp.fft.rfft2(v)
-  return jnp.fft.irfft2(_apply_symbol(spec, s, pairwise), s=v.shape[-2:]), spec
+  spec = _transform(v, packed)
+  return _inverse(_apply_symbol(spec, s, pairwise), v.shape[-2:], packed), spec
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -312,17 +319,12 @@ def _adjoint(spec, s, g, pairwise, packed):
   """``(dL/dv, sum_b V conj(G))`` for the images of ``g``: the backward pass
   of :func:`_spectral_filter_bwd` before ``P``'s weights (packed: on the
   full grid, before :func:`_fold_to_rfft_grid`)."""
-  height, width = g.shape[-2:]
-  if packed:
-    grad_spec = jnp.fft.fft2(_pack_images(g))
-    grad_v = _unpack_images(jnp.fft.ifft2(grad_spec * jnp.conj(s)))
-    return grad_v, _reduce_to(spec * jnp.conj(grad_spec), s.shape)
-  grad_spec = jnp.fft.rfft2(g)
+  shape = g.shape[-2:]
+  grad_spec = _transform(g, packed)
   if pairwise:
-    grad_v = jnp.fft.irfft2(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(s)),
-                            s=(height, width))
+    grad_v = _inverse(jnp.einsum("bohw,iohw->bihw", grad_spec, jnp.conj(s)), shape, packed)
     return grad_v, jnp.einsum("bihw,bohw->iohw", spec, jnp.conj(grad_spec))
-  grad_v = jnp.fft.irfft2(grad_spec * jnp.conj(s), s=(height, width))
+  grad_v = _inverse(grad_spec * jnp.conj(s), shape, packed)
   return grad_v, _reduce_to(spec * jnp.conj(grad_spec), s.shape)
 
 
