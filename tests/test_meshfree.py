@@ -467,6 +467,50 @@ def test_mesh_free_conv_keeps_the_dense_channel_map_parameters():
                              jax.jit(DenseThenFilter().apply)(want, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding,chunk_bytes,pack_images", [
+    (0.0, 0, False), (0.0, 0, True), (0.0, 2 * 8 * 5 * 8, True), (0.125, 0, None)])
+def test_mesh_free_conv_with_a_bias_matches_dense_then_the_plain_filter(
+    padding, chunk_bytes, pack_images):
+  """A nonzero bias, added before the filter in the reference: on a periodic
+  mesh the layer adds ``b g0`` after it (:meth:`MeshFreeConv.folds_bias`),
+  with padding it adds ``b`` before. Values and every gradient in float64,
+  unchunked, packed, chunked and padded."""
+  layer = MeshFreeConv(4, length_scale=0.2, padding=padding, fft_chunk_bytes=chunk_bytes,
+                       pack_images=pack_images)
+  assert layer.folds_bias(8, 8) == (padding == 0.0)
+  pad = layer.padding_pixels(8, 8)
+
+  def reference(params, x):
+    p = params["params"]
+    v = x @ p["channel_map"]["kernel"] + p["channel_map"]["bias"]
+    return _plain_filter(v, p["symbol"], pad, False)
+
+  def loss(f):
+    return lambda params, x: jnp.sum(jnp.sin(f(params, x)) * target)
+
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3), jnp.float64)
+    params = layer.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    params["params"]["channel_map"]["bias"] = jax.random.normal(
+        jax.random.key(3), (4,), jnp.float64)
+    target = jax.random.normal(jax.random.key(2), (4, 8, 8, 4), jnp.float64)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x),
+                               jax.jit(reference)(params, x), rtol=1e-12, atol=1e-12)
+    got = jax.jit(jax.grad(loss(layer.apply), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(params, x)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_pairwise_and_biasless_layers_do_not_fold_a_bias():
+  assert not MeshFreeConv(4, pairwise=True).folds_bias(8, 8)
+  assert not MeshFreeConv(4, use_bias=False).folds_bias(8, 8)
+  assert MeshFreeConv(4, padding=0.01).folds_bias(8, 8)        # rounds to 0 pixels
+  assert not MeshFreeConv(4, padding=0.01).folds_bias(64, 64)  # 1 pixel
+
+
 def test_fft_chunking_rules():
   plane = 32 * 17 * 8   # one 32 x 32 channel's complex64 spectrum
   # Everything fits, or chunking is off: one transform.

@@ -793,7 +793,11 @@ channel_map_channels_first.defvjp(_channel_map_fwd, _channel_map_bwd)
 
 class _ChannelMap(nn.Module):
   """``nn.Dense``'s parameters (same names, shapes and initialisers) with a
-  channels-first output (:func:`channel_map_channels_first`)."""
+  channels-first output (:func:`channel_map_channels_first`).
+
+  Returns ``(kernel^T X^T, bias)``, the bias (``None`` without one) not yet
+  added: :class:`MeshFreeConv` adds it where it costs least.
+  """
 
   features: int
   use_bias: bool = True
@@ -806,8 +810,7 @@ class _ChannelMap(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = channel_map_channels_first(x, kernel)
-    return y if bias is None else y + bias[:, None, None, None]
+    return channel_map_channels_first(x, kernel), bias
 
 
 def init_raw(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
@@ -837,7 +840,8 @@ class MeshFreeConv(nn.Module):
   channels-first ``(features, B, H, W)`` (:func:`channel_map_channels_first`),
   the layout the filter's FFTs run in, and only the output is transposed
   back; ``R``'s parameters are ``nn.Dense``'s (``channel_map/kernel`` of
-  shape ``(d, features)`` and ``channel_map/bias``).
+  shape ``(d, features)`` and ``channel_map/bias``). On a periodic mesh the
+  bias is added after the filter, as ``b g0`` (:meth:`folds_bias`).
 
   Attributes:
     features: output channels ``c``.
@@ -890,16 +894,37 @@ class MeshFreeConv(nn.Module):
                          fft_chunk_bytes=self.fft_chunk_bytes)
     # Channels-first between the channel map and the filter: the map's GEMM
     # writes that layout, so only the output is transposed back to NHWC.
-    v = _ChannelMap(self.features, self.use_bias, self.dtype, name="channel_map")(x)
+    v, bias = _ChannelMap(self.features, self.use_bias, self.dtype, name="channel_map")(x)
     raw = self.param("symbol", init_raw, (self.features,))
+    fold = bias is not None and self.folds_bias(x.shape[1], x.shape[2])
+    if bias is not None and not fold:
+      v = v + bias[:, None, None, None]
     out = heat_filter_channels_first(v, raw, length_scale=self.length_scale, pad=pad,
                                      fft_chunk_bytes=self.fft_chunk_bytes,
                                      pack_images=self.pack_images)
-    return jnp.transpose(out, (1, 2, 3, 0))
+    out = jnp.transpose(out, (1, 2, 3, 0))
+    if fold:
+      # A (v + b) = A v + b S(0), and S(0) = g0 (Eq. 21 at k = 0): the bias
+      # joins the output's transpose instead of costing a pass over v.
+      out = out + (bias * coefficients(raw.astype(bias.dtype), self.length_scale).g0
+                   ).astype(out.dtype)
+    return out
 
   def padding_pixels(self, height: int, width: int) -> int:
     """The zero padding, in pixels on each side, on an ``height x width`` mesh."""
     return int(round(self.padding * max(height, width)))
+
+  def folds_bias(self, height: int, width: int) -> bool:
+    """Whether the channel map's bias is added after the filter, as ``b g0``.
+
+    A per-channel filter on a periodic mesh maps a constant image ``b`` to
+    ``b S(0)``, and ``S(0) = g0`` (Eq. 21 at ``k = 0``; the Nyquist
+    averages of :func:`discrete_symbol` leave ``k = 0`` alone), so ``A(v +
+    b) = A v + b g0`` up to rounding. Zero padding breaks the constant, and
+    pairwise filters take their bias from ``nn.Dense``: there the bias is
+    added to ``v``.
+    """
+    return self.use_bias and not self.pairwise and self.padding_pixels(height, width) == 0
 
   def fft_chunking(self, input_shape: tuple[int, int, int, int],
                    dtype=jnp.float32) -> tuple[int, int] | None:
