@@ -896,7 +896,7 @@ class MeshFreeConv(nn.Module):
     # writes that layout, so only the output is transposed back to NHWC.
     v, bias = _ChannelMap(self.features, self.use_bias, self.dtype, name="channel_map")(x)
     raw = self.param("symbol", init_raw, (self.features,))
-    fold = bias is not None and self.folds_bias(x.shape[1], x.shape[2])
+    fold = self.folds_bias(x.shape[1], x.shape[2])   # False without a bias
     if bias is not None and not fold:
       v = v + bias[:, None, None, None]
     out = heat_filter_channels_first(v, raw, length_scale=self.length_scale, pad=pad,
@@ -947,7 +947,6 @@ class MeshFreeConv(nn.Module):
         pad=self.padding_pixels(height, width),
         dtype=self.dtype if self.dtype is not None else dtype,
         fft_chunk_bytes=self.fft_chunk_bytes)
-
 
   def packs_images(self, input_shape: tuple[int, int, int, int],
                    dtype=jnp.float32) -> bool:
