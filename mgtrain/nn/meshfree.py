@@ -757,12 +757,20 @@ def channel_map_channels_first(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarr
   gradients are written out as ``dX = G^T kernel^T`` and ``dkernel = (G
   X)^T`` of the ``(c, B H W)`` cotangent ``G``: ``G X`` multiplies both
   operands as stored, where ``X^T G^T`` had XLA on CPU copy one of them.
-  (XLA still transposes ``X`` once for the forward product and ``G`` once
-  for ``dX``.) The MFC layer's fwd+bwd at 128 channels, 256^2, batch 16
-  took 0.90-0.96x the time with ``X^T G^T`` (0.99x at 128^2; same values
-  bit for bit), which in turn beat JAX's own transpose rules (1.03x at
-  256^2, 1.11x at 128^2) and the old NHWC channel map with a transposed
-  copy (1.24x / 1.02x; docs/benchmark_cpu.md, 2026-12-05 and 12-06).
+  The MFC layer's fwd+bwd at 128 channels, 256^2, batch 16 took 0.90-0.96x
+  the time with ``X^T G^T`` (0.99x at 128^2; same values bit for bit),
+  which in turn beat JAX's own transpose rules (1.03x at 256^2, 1.11x at
+  128^2) and the old NHWC channel map with a transposed copy (1.24x /
+  1.02x; docs/benchmark_cpu.md, 2026-12-05 and 12-06).
+
+  ``dX`` contracts ``G`` as a 2-D ``(c, B H W)`` array: XLA on CPU folds a
+  2-D transpose into the product, but canonicalised the 4-D contraction
+  into a transposed copy of ``G``. The product alone took 228 against
+  294-311 ms (128 channels, 256^2, batch 16), the layer's fwd+bwd 0.96x
+  (256^2, 8 process pairs) and 0.98x (128^2, 3 pairs;
+  docs/benchmark_cpu.md, 2026-12-07). The forward product keeps its copy
+  of ``X``: with ``X`` as a transposed 2-D operand XLA's GEMM took 1.9-2.6
+  s, the copy and product 0.4-1.2 s.
 
   Example:
     >>> x, k = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 5))
@@ -783,7 +791,8 @@ def _channel_map_bwd(residuals, g):
   # without them XLA folds them into the products' operand order and is
   # back at the forms that copy or transpose the big operands.
   kernel_t = jax.lax.optimization_barrier(kernel.T)
-  dx = jax.lax.dot_general(g, kernel_t, (((0,), (0,)), ((), ())))
+  dx = jax.lax.dot_general(g.reshape(g.shape[0], -1), kernel_t, (((0,), (0,)), ((), ())))
+  dx = dx.reshape(x.shape)
   dkernel_t = jax.lax.dot_general(g, x, ((tuple(p + 1 for p in pixels), pixels), ((), ())))
   return dx, jax.lax.optimization_barrier(dkernel_t).T
 
