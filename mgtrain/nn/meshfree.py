@@ -769,8 +769,8 @@ def channel_map_channels_first(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarr
   294-311 ms (128 channels, 256^2, batch 16), the layer's fwd+bwd 0.96x
   (256^2, 8 process pairs) and 0.98x (128^2, 3 pairs;
   docs/benchmark_cpu.md, 2026-12-07). The forward product keeps its copy
-  of ``X``: with ``X`` as a transposed 2-D operand XLA's GEMM took 1.9-2.6
-  s, the copy and product 0.4-1.2 s.
+  of ``X``: with ``X`` as a transposed 2-D operand XLA's GEMM took 1.7-2.6
+  s, the copy and product 0.4-1.4 s.
 
   Example:
     >>> x, k = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 5))
