@@ -765,7 +765,7 @@ def channel_map_channels_first(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarr
 
   ``dX`` contracts ``G`` as a 2-D ``(c, B H W)`` array: XLA on CPU folds a
   2-D transpose into the product, but canonicalised the 4-D contraction
-  into a transposed copy of ``G``. The product alone took 228 against
+  into a transposed copy of ``G``. The product alone took 225-268 against
   294-311 ms (128 channels, 256^2, batch 16), the layer's fwd+bwd 0.96x
   (256^2, 8 process pairs) and 0.98x (128^2, 3 pairs;
   docs/benchmark_cpu.md, 2026-12-07). The forward product keeps its copy
@@ -791,6 +791,8 @@ def _channel_map_bwd(residuals, g):
   # without them XLA folds them into the products' operand order and is
   # back at the forms that copy or transpose the big operands.
   kernel_t = jax.lax.optimization_barrier(kernel.T)
+  # G as 2-D (c, B H W): XLA folds that transpose into the GEMM; the 4-D
+  # contraction got a transposed copy of G first.
   dx = jax.lax.dot_general(g.reshape(g.shape[0], -1), kernel_t, (((0,), (0,)), ((), ())))
   dx = dx.reshape(x.shape)
   dkernel_t = jax.lax.dot_general(g, x, ((tuple(p + 1 for p in pixels), pixels), ((), ())))
